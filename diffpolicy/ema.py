@@ -1,0 +1,38 @@
+"""Exponential moving average of model weights (Polyak averaging), on torch's AveragedModel."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+__all__ = ["EMA"]
+
+
+class EMA(AveragedModel):
+    """``theta_ema <- d theta_ema + (1 - d) theta`` after each ``update(model)``.
+
+    With ``warmup`` the decay is ``min(decay, (1 + k) / (10 + k))`` at update ``k`` (the
+    schedule of TensorFlow's ExponentialMovingAverage, used by Diffusion-QL and DDPM code),
+    so early averages are not dominated by the random initialisation. Buffers are averaged
+    too. ``ema.module`` is the averaged copy; call it like the model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.decay, self.warmup = decay, warmup
+        super().__init__(model, multi_avg_fn=self._average, use_buffers=True)
+        self.module.requires_grad_(False)
+
+    def current_decay(self, k: int) -> float:
+        """The decay used for the ``k``-th update (``k = 0`` is the first)."""
+        return min(self.decay, (1 + k) / (10 + k)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def _average(self, ema_params, params, num_averaged):
+        d = self.current_decay(int(num_averaged) - 1)
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    def update(self, model: nn.Module) -> None:
+        """Average ``model``'s current parameters into the EMA copy."""
+        self.update_parameters(model)
