@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,6 +56,25 @@ class Schedule:
         """``n + 1`` uniformly spaced times from ``t_max`` down to ``t_min`` (the data end)."""
         _check_steps(n)
         return torch.linspace(self.t_max, self.t_min, n + 1, dtype=torch.float64)
+
+    def logsnr_times(self, n: int, t_hi: float, t_lo: float) -> Tensor:
+        """``n`` times from ``t_hi`` to ``t_lo`` uniform in ``lambda = log(alpha/sigma)``.
+
+        The grid DPM-Solver recommends for few steps (Lu et al. 2022, §3.3 / App. D.1); the
+        inverse of ``lambda(t)`` is read off a dense table (``alpha`` and ``sigma`` must be
+        positive at both ends).
+        """
+        _check_steps(n)
+        dense = torch.linspace(t_lo, t_hi, 20001, dtype=torch.float64)
+        alpha, sigma = self.alpha_sigma(dense)
+        lam = (alpha / sigma).log()  # decreasing in t
+        if not bool(lam[[0, -1]].isfinite().all()):
+            raise ValueError(f"a log-SNR grid needs alpha, sigma > 0 on [{t_lo}, {t_hi}] ({self.name})")
+        target = torch.linspace(float(lam[-1]), float(lam[0]), n, dtype=torch.float64)
+        idx = torch.searchsorted(-lam, -target).clamp(1, len(dense) - 1)
+        lo, hi = dense[idx - 1], dense[idx]
+        w = (target - lam[idx - 1]) / (lam[idx] - lam[idx - 1])
+        return (lo + w * (hi - lo)).clamp(t_lo, t_hi)
 
     def sample_t(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         """Training times, uniform on ``(t_min, t_max]``."""
@@ -142,7 +162,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
-SPACINGS = ("leading", "linspace", "trailing")
+SPACINGS = ("leading", "linspace", "trailing", "logsnr")
 
 
 class DiscreteVP(Schedule):
@@ -200,19 +220,30 @@ class DiscreteVP(Schedule):
     def net_time(self, t):
         return t
 
-    def timesteps(self, n: int, spacing: str = "leading", **kwargs) -> Tensor:
-        """diffusers' timestep spacings (Lin et al. 2024, Table 2) followed by the end time -1."""
+    def timesteps(self, n: int, spacing: str = "trailing", **kwargs) -> Tensor:
+        """diffusers' timestep spacings (Lin et al. 2024, Table 2) followed by the end time -1.
+
+        The default is ``"trailing"``, which starts every grid at ``N - 1`` (Lin et al. 2024
+        §3.3); diffusers' DDIM default is ``"leading"``.
+
+        ``"logsnr"`` (not in diffusers): uniform in log-SNR between ``N - 1`` and 0, rounded to
+        integer timesteps (DPM-Solver's recommended grid for few steps).
+        """
         _check_steps(n)
         _choice("timestep spacing", spacing, SPACINGS)
         N = self.num_train_timesteps
         if n > N:
             raise ValueError(f"n={n} sampling steps exceed the {N} training timesteps")
-        if spacing == "linspace":
-            ts = torch.linspace(0, N - 1, n, dtype=torch.float64).round().flip(0)
+        if spacing == "logsnr":
+            ts = self.logsnr_times(n, N - 1.0, 0.0).round()
+            if len(ts.unique()) != n:
+                raise ValueError(f"{n} log-SNR steps collide after rounding to {N} timesteps; use fewer")
+        elif spacing == "linspace":  # numpy arithmetic, so that .5 ties round as in diffusers
+            ts = torch.from_numpy(np.linspace(0, N - 1, n).round()[::-1].copy())
         elif spacing == "leading":
-            ts = (torch.arange(n, dtype=torch.float64) * (N // n)).round().flip(0) + self.steps_offset
-        else:
-            ts = torch.arange(N, 0, -N / n, dtype=torch.float64).round() - 1
+            ts = torch.from_numpy((np.arange(0, n) * (N // n)).round()[::-1] + float(self.steps_offset))
+        else:  # numpy's arange can yield n + 1 points here; the extra one is the end time
+            ts = torch.from_numpy(np.round(np.arange(N, 0, -N / n))[:n] - 1.0)
         return torch.cat([ts, ts.new_full((1,), -1.0)])
 
     def sample_t(self, n, generator=None, device=None):
@@ -258,9 +289,14 @@ class VPSDE(Schedule):
         u = torch.rand(n, generator=generator, device=device)
         return self.t_eps + u * (1 - self.t_eps)
 
-    def timesteps(self, n, **kwargs):
+    def timesteps(self, n, grid: str = "uniform", **kwargs):
+        """``n`` times from 1 to ``t_eps`` (uniform, or uniform in log-SNR), then 0."""
+        _choice("vp_sde grid", grid, ("uniform", "logsnr"))
         _check_steps(n)
-        ts = torch.linspace(1.0, self.t_eps, n, dtype=torch.float64)
+        if grid == "logsnr":
+            ts = self.logsnr_times(n, 1.0, self.t_eps)
+        else:
+            ts = torch.linspace(1.0, self.t_eps, n, dtype=torch.float64)
         return torch.cat([ts, ts.new_zeros(1)])
 
 

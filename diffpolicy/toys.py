@@ -60,22 +60,24 @@ class GaussianMixtureDenoiser(DenoiserBase):
         self.weights = (torch.full((k,), 1.0 / k) if weights is None else weights).double()
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        xd = x.double()
-        alpha, sigma = (v.double() for v in self.schedule.alpha_sigma(t.double()))
+        xd, t = x.double(), t.double()
+        if t.dim() == 0 or bool((t == t.reshape(-1)[0]).all()):
+            t = t.reshape(-1)[:1]  # one time for the batch (as in samplers): one solve
+        alpha, sigma = self.schedule.alpha_sigma(t)
         a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         eye = torch.eye(x.shape[1], dtype=torch.float64)
-        cov_t = a**2 * self.covs + s**2 * eye                        # [B, K, D, D]
+        prec = torch.linalg.inv(a**2 * self.covs + s**2 * eye)       # [B or 1, K, D, D]
         diff = xd[:, None, :] - alpha.view(-1, 1, 1) * self.means     # [B, K, D]
-        sol = torch.linalg.solve(cov_t, diff.unsqueeze(-1)).squeeze(-1)
-        logdet = torch.linalg.slogdet(cov_t).logabsdet
+        sol = (prec @ diff.unsqueeze(-1)).squeeze(-1)
+        logdet = -torch.linalg.slogdet(prec).logabsdet
         logp = self.weights.log() - 0.5 * (logdet + (diff * sol).sum(-1))
         resp = torch.softmax(logp, -1)                                # [B, K]
         x0_k = self.means + alpha.view(-1, 1, 1) * (self.covs @ sol.unsqueeze(-1)).squeeze(-1)
         x0 = (resp.unsqueeze(-1) * x0_k).sum(1)
-        eps = (xd - expand_like(alpha, xd) * x0) / expand_like(sigma, xd)
+        alpha, sigma = expand_like(alpha, xd), expand_like(sigma, xd)
+        eps = (xd - alpha * x0) / sigma
         d_alpha = d_sigma = None
         if needs_derivatives(self.prediction):
-            d_alpha, d_sigma = (expand_like(v.double(), xd) for v in self.schedule.derivatives(t.double()))
-        out = from_x0_eps(self.prediction, x0, eps, expand_like(alpha, xd), expand_like(sigma, xd),
-                          d_alpha, d_sigma, self.schedule.sigma_data)
+            d_alpha, d_sigma = (expand_like(v, xd) for v in self.schedule.derivatives(t))
+        out = from_x0_eps(self.prediction, x0, eps, alpha, sigma, d_alpha, d_sigma, self.schedule.sigma_data)
         return out.to(x.dtype)

@@ -1,0 +1,195 @@
+"""Every sampler on a Gaussian toy whose exact denoiser is known in closed form."""
+import math
+
+import pytest
+import torch
+
+from diffpolicy import schedules as S
+from diffpolicy.denoiser import DenoiserBase
+from diffpolicy.samplers import SAMPLERS, prior, run_sampler, sample, sample_ddim, sample_rf_euler
+from diffpolicy.toys import GaussianMixtureDenoiser
+
+MU = torch.tensor([[1.0, -0.5]])
+COV = torch.tensor([[[0.5, 0.2], [0.2, 0.3]]])
+N = 4000
+
+
+def _sqrtm(m):
+    w, v = torch.linalg.eigh(m)
+    return v @ torch.diag_embed(w.sqrt()) @ v.transpose(-1, -2)
+
+
+class GaussianFlowMap(DenoiserBase):
+    """The exact PF-ODE flow map x_t -> x_0 of N(mu, Sigma): the ideal consistency function.
+
+    The flow is linear: x_t = alpha_t mu + C_t^{1/2} w with C_t = alpha_t^2 Sigma + sigma_t^2 I and
+    w constant, so x_0 = mu + Sigma^{1/2} C_t^{-1/2} (x_t - alpha_t mu).
+    """
+
+    prediction = "x0"
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def forward(self, x, t, cond=None):
+        a, s = (v.double().view(-1, 1, 1) for v in self.schedule.alpha_sigma(t.double()))
+        cov = COV[0].double()
+        c_t = a**2 * cov + s**2 * torch.eye(2, dtype=torch.float64)
+        m = _sqrtm(cov) @ torch.linalg.inv(_sqrtm(c_t))
+        d = x.double() - a[:, :, 0] * MU.double()
+        return (MU.double() + (m @ d.unsqueeze(-1)).squeeze(-1)).to(x.dtype)
+
+
+def _moments_ok(out, mean_tol=0.05, cov_tol=0.06):
+    m, c = out.mean(0), torch.cov(out.T)
+    assert (m - MU[0]).abs().max() < mean_tol, f"mean {m.tolist()} vs {MU[0].tolist()}"
+    assert (c - COV[0]).abs().max() < cov_tol, f"cov {c.tolist()} vs {COV[0].tolist()}"
+
+
+SCHEDS = {"dvp": S.DiscreteVP(1000, "linear"), "vpsde": S.VPSDE(), "edm": S.EDM(),
+          "rf": S.RectifiedFlow(), "trig": S.TrigFlow()}
+KINDS = {"dvp": "eps", "vpsde": "v", "edm": "x0", "rf": "rf_velocity", "trig": "trigflow"}
+STEPS = {"ddpm": 200, "sde": 200, "ddim": 50, "euler": 100, "heun": 30, "dpmpp_2m": 30, "rf_euler": 50}
+
+
+@pytest.mark.parametrize("sampler", list(STEPS))
+@pytest.mark.parametrize("sched_name", list(SCHEDS))
+def test_sampler_matches_gaussian_moments(sampler, sched_name):
+    sched = SCHEDS[sched_name]
+    den = GaussianMixtureDenoiser(sched, MU, COV, prediction=KINDS[sched_name])
+    grid = {}
+    if sampler == "dpmpp_2m":  # DPM-Solver's recommended few-step grid where log-SNR is finite
+        grid = {"dvp": {"spacing": "logsnr"}, "vpsde": {"grid": "logsnr"}}.get(sched_name, {})
+    ts = sched.timesteps(STEPS[sampler], **grid)
+    if sampler == "sde" and sched_name in ("rf", "trig"):  # the reverse SDE is singular at alpha = 0
+        ts = torch.cat([ts[:1] - 1e-3, ts[1:]])
+    g = torch.Generator().manual_seed(1)
+    x = prior(den, (N, 2), generator=g)
+    out = run_sampler(sampler, den, x, ts, generator=g)
+    _moments_ok(out)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("sched_name", ["dvp", "edm", "rf"])
+def test_deterministic_samplers_converge_to_exact_flow_map(sampler, sched_name):
+    """Same start x_T, growing step count: the error to the exact PF-ODE solution shrinks."""
+    sched = SCHEDS[sched_name]
+    den = GaussianMixtureDenoiser(sched, MU, COV, prediction=KINDS[sched_name])
+    x = prior(den, (256, 2), generator=torch.Generator().manual_seed(2))
+    t0 = sched.timesteps(4)[0]
+    assert all(float(sched.timesteps(n)[0]) == float(t0) for n in (16, 64))
+    exact = GaussianFlowMap(sched)(x, t0.float().expand(256))
+    errs = [(run_sampler(sampler, den, x, sched.timesteps(n)) - exact).abs().mean().item() for n in (4, 16, 64)]
+    assert errs[2] < errs[1] and errs[2] < errs[0], errs
+    assert errs[2] < 0.1 * errs[0] and errs[2] < 0.05, errs
+
+
+def test_stochastic_samplers_with_injected_noise_are_reproducible():
+    sched = SCHEDS["dvp"]
+    den = GaussianMixtureDenoiser(sched, MU, COV, prediction="eps")
+    x = torch.randn(8, 2)
+    noise = torch.randn(20, 8, 2)
+    for name in ("ddpm", "sde"):
+        a = SAMPLERS[name](den, x, sched.timesteps(20), noise=noise)
+        b = SAMPLERS[name](den, x, sched.timesteps(20), noise=noise)
+        assert torch.equal(a, b)
+        c = SAMPLERS[name](den, x, sched.timesteps(20), noise=noise * 0.5)
+        assert not torch.allclose(a, c)
+
+
+def test_ddpm_large_variance_differs_but_matches_moments():
+    sched = SCHEDS["vpsde"]
+    den = GaussianMixtureDenoiser(sched, MU, COV, prediction="eps")
+    g = torch.Generator().manual_seed(3)
+    x = prior(den, (N, 2), generator=g)
+    out = run_sampler("ddpm", den, x, sched.timesteps(300), variance="large", generator=g)
+    _moments_ok(out, cov_tol=0.08)
+    with pytest.raises(ValueError, match="small, large"):
+        run_sampler("ddpm", den, x, sched.timesteps(3), variance="huge")
+
+
+def test_annealed_langevin_on_ve():
+    sched = S.VE(0.05, 10.0)
+    den = GaussianMixtureDenoiser(sched, MU, COV, prediction="eps")
+    g = torch.Generator().manual_seed(4)
+    ts = sched.timesteps(30)
+    x = prior(den, (N, 2), generator=g)
+    out = run_sampler("langevin", den, x, ts, n_steps_each=20, step_lr=0.5 * 0.05**2, generator=g)
+    _moments_ok(out)
+
+
+@pytest.mark.parametrize("sched_name", ["dvp", "vpsde", "edm", "rf", "trig"])
+def test_rf_euler_forms_equal_ddim(sched_name):
+    """handbook §2.4.5: DDIM is Euler on the straight path; the three step forms agree."""
+    sched = SCHEDS[sched_name]
+    den = GaussianMixtureDenoiser(sched, MU, COV, prediction=KINDS[sched_name])
+    x = prior(den, (64, 2), generator=torch.Generator().manual_seed(5)).double()
+    ts = sched.timesteps(7)
+    if sched_name in ("rf", "trig"):  # the eps form divides by 1 - r, zero where alpha = 0
+        ts = torch.cat([ts[:1] - 1e-2, ts[1:]])
+    ref = sample_ddim(den, x, ts)
+    for form in ("velocity", "x0", "eps"):
+        torch.testing.assert_close(sample_rf_euler(den, x, ts, form=form), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,sched", [("consistency", S.EDM()), ("lcm", S.DiscreteVP()), ("trigflow", S.TrigFlow())])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_consistency_samplers_with_exact_consistency_function(name, sched, steps):
+    den = GaussianFlowMap(sched)
+    g = torch.Generator().manual_seed(6)
+    x = prior(den, (N, 2), generator=g)
+    ts = sched.timesteps(steps)
+    _moments_ok(run_sampler(name, den, x, ts, generator=g))
+
+
+def test_lcm_and_trigflow_check_schedule():
+    with pytest.raises(ValueError, match="DiscreteVP"):
+        run_sampler("lcm", GaussianFlowMap(S.EDM()), torch.zeros(2, 2), S.EDM().timesteps(2))
+    with pytest.raises(ValueError, match="TrigFlow"):
+        run_sampler("trigflow", GaussianFlowMap(S.EDM()), torch.zeros(2, 2), S.EDM().timesteps(2))
+
+
+def test_samplers_propagate_gradients():
+    """No no_grad inside: Diffusion-QL / DRaFT backpropagate through the chain."""
+    sched = S.DiscreteVP(1000)
+    net = torch.nn.Linear(2, 2)
+    from diffpolicy import Denoiser
+    den = Denoiser(lambda x, t, c: net(x), sched, "eps")
+    for name in ("ddim", "ddpm", "dpmpp_2m", "heun"):
+        net.zero_grad()
+        out = run_sampler(name, den, torch.randn(4, 2), sched.timesteps(5))
+        out.sum().backward()
+        assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
+
+
+def test_callback_and_sample_entry_point():
+    sched = S.EDM()
+    den = GaussianMixtureDenoiser(sched, MU, COV, prediction="x0")
+    seen = []
+    out = sample(den, (16, 2), 5, "heun", generator=torch.Generator().manual_seed(0),
+                 callback=lambda d: seen.append(d["i"]))
+    assert out.shape == (16, 2) and seen == [0, 1, 2, 3, 4]
+    clipped = sample(den, (64, 2), 5, "ddim", clip_x0=0.2, generator=torch.Generator().manual_seed(0))
+    assert clipped.abs().max() <= 0.2 + 1e-5
+
+
+def test_bad_inputs_name_the_argument():
+    sched = S.DiscreteVP()
+    den = GaussianMixtureDenoiser(sched, MU, COV)
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="valid: ddpm, ddim"):
+        sample(den, (4, 2), 5, "plms")
+    with pytest.raises(ValueError, match="cond has batch size 3"):
+        sample_ddim(den, x, sched.timesteps(3), cond=torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="noise must have shape"):
+        sample_ddim(den, x, sched.timesteps(3), eta=1.0, noise=torch.zeros(3, 5, 2))
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample_ddim(den, x, torch.tensor([10.0, 20.0]))
+    with pytest.raises(ValueError, match="ts must lie"):
+        sample_ddim(den, x, torch.tensor([5000.0, -1.0]))
+    rf = S.RectifiedFlow()
+    with pytest.raises(ValueError, match="cannot be converted at t=1"):
+        sample_ddim(GaussianMixtureDenoiser(rf, MU, COV, prediction="eps"), x, rf.timesteps(3))
+    with pytest.raises(ValueError, match="singular"):
+        run_sampler("sde", GaussianMixtureDenoiser(rf, MU, COV, prediction="rf_velocity"), x, rf.timesteps(3))
