@@ -2,17 +2,18 @@
 
 What is measured: the wall time of one full 20-step DDIM sampling (eta = 0) of a Diffusion-QL
 size denoiser, ``MLPDenoiser(x_dim=3, obs_dim=11)`` (3x256 Mish MLP), conditioned on an 11-d
-observation, on ``DiscreteVP(1000)`` (linear betas, leading spacing, final alpha 1), at batch 1
+observation, on ``DiscreteVP(1000)`` (linear betas, final alpha 1), at batch 1
 (latency bound: per-step Python/dispatch overhead dominates) and batch 256 (compute bound).
 
 Three variants, all under ``torch.no_grad()`` and ``torch.set_num_threads(--threads)`` (1):
 
 * ``ours``: ``sample_ddim(Denoiser(net, schedule, "eps"), x, schedule.timesteps(20), cond=obs)``,
-  everything included (grid preparation, coefficient computation, the denoiser wrapper).
-* ``bare``: the same 20 forwards ``x = net(x, t_k, obs)`` with precomputed float ``t_k [B]``
-  tensors and no other arithmetic: the floor any sampler can reach.
+  all included (grid preparation, denoiser wrapper); grid: the default "trailing" (``SPACING``).
+* ``bare``: the same 20 forwards ``net(x_k, t_k, obs)`` on the very inputs ``x_k`` our sampler
+  feeds the net (recorded once) with precomputed ``t_k [B]`` tensors and no other arithmetic:
+  the floor any sampler can reach.
 * ``diffusers``: ``DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-  set_alpha_to_one=True, clip_sample=False)`` (clipping off: ours does not clip either),
+  set_alpha_to_one=True, clip_sample=False, timestep_spacing=SPACING)`` (ours does not clip),
   ``set_timesteps(20)`` once outside the timing, then the user loop
   ``for t in scheduler.timesteps: eps = net(x, t.expand(B), obs); x = scheduler.step(eps, t, x).prev_sample``.
 
@@ -44,28 +45,29 @@ from diffpolicy.nets.mlp import MLPDenoiser
 from diffpolicy.samplers import sample_ddim
 from diffpolicy.schedules import DiscreteVP
 
-STEPS, X_DIM, OBS_DIM = 20, 3, 11
+STEPS, X_DIM, OBS_DIM, SPACING = 20, 3, 11, "trailing"
 TARGETS = {"batch1_ratio_vs_bare": 1.25, "batch1_ratio_vs_diffusers": 0.6, "batch256_ratio_vs_bare": 1.05}
 
 
 def make_variants(net, B: int, seed: int = 0):
     schedule = DiscreteVP(1000)
-    denoiser, ts = Denoiser(net, schedule, "eps"), schedule.timesteps(STEPS)
+    denoiser, ts = Denoiser(net, schedule, "eps"), schedule.timesteps(STEPS, spacing=SPACING)
     g = torch.Generator().manual_seed(seed)
     x0, obs = torch.randn(B, X_DIM, generator=g), torch.randn(B, OBS_DIM, generator=g)
     t_bare = [torch.full((B,), float(t)) for t in ts[:-1].tolist()]
+    x_bare = []  # the inputs our sampler feeds the net, so bare runs the very same forwards
+    sample_ddim(denoiser, x0, ts, cond=obs, callback=lambda d: x_bare.append(d["x"].clone()))
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", set_alpha_to_one=True,
-                                     clip_sample=False)
+                                     clip_sample=False, timestep_spacing=SPACING)
     sched.set_timesteps(STEPS)
 
     def run_ours():
         return sample_ddim(denoiser, x0, ts, cond=obs)
 
     def run_bare():
-        x = x0
-        for t in t_bare:
-            x = net(x, t, obs)
-        return x
+        for x, t in zip(x_bare, t_bare):
+            out = net(x, t, obs)
+        return out
 
     def run_diffusers():
         x = x0
@@ -125,11 +127,11 @@ def main(argv=None):
            "targets": {k: {"target": t, "value": round(ratios[k], 4), "met": bool(ratios[k] <= t)}
                        for k, t in TARGETS.items()},
            "diff_vs_diffusers": {f"batch{B}": d for B, d in diff.items()},
-           "steps": STEPS, "repeats": args.repeats, "torch": torch.__version__,
+           "steps": STEPS, "spacing": SPACING, "repeats": args.repeats, "torch": torch.__version__,
            "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
            "machine": f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}; CPU "
                       f"shared with other work, so timings are medians of interleaved rounds"}
-    lines = [f"DDIM {STEPS} steps, MLPDenoiser(3, obs 11), {res['threads']} thread(s), torch {res['torch']}",
+    lines = [f"DDIM {STEPS} {SPACING} steps, MLPDenoiser(3, obs 11), {res['threads']} thread(s), torch {res['torch']}",
              "", "| batch | ours (ms) | bare (ms) | diffusers (ms) | ours/bare | ours/diffusers |",
              "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {B} | {m['ours']:.3f} | {m['bare']:.3f} | {m['diffusers']:.3f} | {m['ours'] / m['bare']:.3f} | "

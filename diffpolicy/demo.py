@@ -58,7 +58,7 @@ def _net(cfg: DemoConfig) -> MLPDenoiser:
     return MLPDenoiser(x_dim=2, hidden=cfg.hidden, depth=3, time_dim=32)
 
 
-def _fit(denoiser, data_fn, steps: int, cfg: DemoConfig, desc: str, loss_fn=diffusion_loss, **loss_kw):
+def fit_toy(denoiser, data_fn, steps: int, cfg: DemoConfig, desc: str, loss_fn=diffusion_loss, **loss_kw):
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     ema = EMA(denoiser, cfg.ema_decay, warmup=True)
@@ -79,11 +79,11 @@ def train_families(cfg: DemoConfig, data_fn) -> dict:
     vp = DiscreteVP(1000, "squaredcos_cap_v2")
     models = {}
     for fam, sched, kind in (("eps", vp, "eps"), ("v", vp, "v"), ("rf", RectifiedFlow(), "rf_velocity")):
-        models[fam] = _fit(Denoiser(_net(cfg), sched, kind), data_fn, cfg.train_steps, cfg, f"train {fam}")
+        models[fam] = fit_toy(Denoiser(_net(cfg), sched, kind), data_fn, cfg.train_steps, cfg, f"train {fam}")
     teacher = models["eps"]
     student = Denoiser(copy.deepcopy(teacher.net).train().requires_grad_(True), vp, precond=LCMPrecond("eps"))
     # LCM: consistency distillation on a 50-step DDIM-solver grid, L2 metric
-    models["lcm"] = _fit(student, data_fn, cfg.distill_steps, cfg, "distill lcm",
+    models["lcm"] = fit_toy(student, data_fn, cfg.distill_steps, cfg, "distill lcm",
                          loss_fn=lambda m, x0: consistency_distillation_loss(m, teacher, x0, num_scales=50))
     return models
 

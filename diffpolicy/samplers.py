@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -88,6 +89,13 @@ class _Grid:
     d_alpha: list
     d_sigma: list
     coef: list         # [n + 1] tuples (a, b, c, d): x0 = a x + b p, eps = c x + d p
+    memo: dict = field(default_factory=dict)  # per-sampler precomputations on this grid
+
+
+# Prepared grids, per schedule: a policy samples with the same grid at every environment
+# step, so the float64 coefficient work is done once (what diffusers' set_timesteps does).
+_GRIDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GRIDS_PER_SCHEDULE = 32
 
 
 def _prepare(denoiser: DenoiserBase, x: Tensor, ts, cond) -> _Grid:
@@ -95,7 +103,19 @@ def _prepare(denoiser: DenoiserBase, x: Tensor, ts, cond) -> _Grid:
         raise ValueError("x must be a tensor [B, ...] of initial noise")
     if isinstance(cond, Tensor) and cond.shape[0] != x.shape[0]:
         raise ValueError(f"cond has batch size {cond.shape[0]} but x has {x.shape[0]}")
-    ts = torch.as_tensor(ts, dtype=torch.float64).flatten()
+    ts = tuple(ts.tolist()) if isinstance(ts, Tensor) else tuple(float(t) for t in ts)
+    sched = denoiser.schedule
+    key = (denoiser.prediction, ts, x.shape[0], x.dtype, x.device)
+    cache = _GRIDS.setdefault(sched, {})
+    grid = cache.get(key)
+    if grid is None:
+        if len(cache) >= _GRIDS_PER_SCHEDULE:
+            cache.clear()
+        grid = cache[key] = _make_grid(denoiser, torch.tensor(ts, dtype=torch.float64), x)
+    return grid
+
+
+def _make_grid(denoiser: DenoiserBase, ts: Tensor, x: Tensor) -> _Grid:
     if ts.numel() < 2:
         raise ValueError("ts must hold at least two times (start and end); use schedule.timesteps(n)")
     if not bool((ts[1:] < ts[:-1]).all()):
@@ -145,20 +165,28 @@ def sample_ddim(denoiser, x, ts, *, cond=None, eta: float = 0.0, noise=None, gen
     """
     g = _prepare(denoiser, x, ts, cond)
     z = _noise(noise, generator, x, g.n)
-    steps = []
-    for i in range(g.n):
-        at, st, as_, ss = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
-        std = ddim_std(at, st, as_, ss, eta)
-        A, B = ddim_coefficients(*g.coef[i], as_, ss, std)
-        if _variance == "large" and ss > 0:  # DDPM's sigma_t^2 = beta_t (Ho et al. 2020 §3.2)
-            std = _sqrt_pos(st**2 - (at / as_) ** 2 * ss**2)
-        steps.append((A, B, std))
+    steps = g.memo.get(("ddim", eta, _variance))
+    if steps is None:
+        steps = g.memo[("ddim", eta, _variance)] = _ddim_steps(g, eta, _variance, x)
     for i, (A, B, std) in enumerate(steps):
         p = denoiser(x, g.t[i], cond)
         _callback(callback, g, i, x, p)
         x_next = x.mul(A).add_(p, alpha=B)
         x = x_next.add_(z(i), alpha=std) if std > 0 else x_next
     return x
+
+
+def _ddim_steps(g: _Grid, eta: float, variance: str, x: Tensor) -> list:
+    """Per step ``(A, B, std)``: ``x_s = A x_t + B pred + std z``; ``A`` as a 0-d tensor (cheaper mul)."""
+    steps = []
+    for i in range(g.n):
+        at, st, as_, ss = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
+        std = ddim_std(at, st, as_, ss, eta)
+        A, B = ddim_coefficients(*g.coef[i], as_, ss, std)
+        if variance == "large" and ss > 0:  # DDPM's sigma_t^2 = beta_t (Ho et al. 2020 §3.2)
+            std = _sqrt_pos(st**2 - (at / as_) ** 2 * ss**2)
+        steps.append((torch.tensor(A, dtype=x.dtype, device=x.device), B, std))
+    return steps
 
 
 def sample_ddpm(denoiser, x, ts, *, cond=None, variance: str = "small", noise=None, generator=None,

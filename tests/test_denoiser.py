@@ -1,0 +1,123 @@
+"""The denoiser contract, preconditioners and wrappers."""
+import pytest
+import torch
+
+from diffpolicy import schedules as S
+from diffpolicy.denoiser import (
+    CFGDenoiser, ClassifierGuidance, ClipX0, ConsistencyPrecond, Denoiser, EDMPrecond, LCMPrecond, TrigFlowPrecond,
+)
+from diffpolicy.nets import MLPDenoiser, Unet2D
+from diffpolicy.parameterization import consistency_scalings, edm_scalings
+
+
+def _net(x_dim=2, obs_dim=0):
+    return MLPDenoiser(x_dim=x_dim, obs_dim=obs_dim, hidden=32, depth=2, time_dim=8)
+
+
+def test_edm_precond_is_the_paper_formula():
+    net, sched = _net(), S.EDM()
+    den = Denoiser(net, sched, precond=EDMPrecond(0.5))
+    x, t = torch.randn(5, 2), torch.rand(5) * 10 + 0.01
+    c_skip, c_out, c_in, c_noise = edm_scalings(t, 0.5)
+    ref = c_skip[:, None] * x + c_out[:, None] * net(c_in[:, None] * x, 1000 * c_noise, None)
+    torch.testing.assert_close(den(x, t), ref)
+    assert den.prediction == "x0"
+
+
+def test_edm_precond_on_vp_uses_scaled_variables():
+    """EDM §2 with s(t) = alpha_t: D(x_t) = D_edm(x_t / alpha, sigma / alpha)."""
+    net, vp, edm = _net(), S.VPSDE(), S.EDM()
+    x, t = torch.randn(4, 2), torch.full((4,), 0.5)
+    a, s = vp.alpha_sigma(t)
+    out = Denoiser(net, vp, precond=EDMPrecond(0.5))(x, t)
+    ref = Denoiser(net, edm, precond=EDMPrecond(0.5))(x / a[:, None], s / a)
+    torch.testing.assert_close(out, ref)
+
+
+def test_consistency_boundary_holds_for_any_network():
+    net, sched = _net(), S.EDM()
+    den = Denoiser(net, sched, precond=ConsistencyPrecond(0.5, 0.002))
+    x = torch.randn(6, 2)
+    torch.testing.assert_close(den(x, torch.full((6,), 0.002)), x)
+    c_skip, c_out, _ = consistency_scalings(torch.tensor(3.0), 0.5, 0.002)
+    assert 0 < float(c_skip) < 1 and float(c_out) > 0
+
+
+def test_lcm_precond_boundary_and_inner_kind():
+    net, sched = _net(), S.DiscreteVP()
+    den = Denoiser(net, sched, precond=LCMPrecond("eps"))
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(den(x, torch.zeros(3)), x)  # c_skip(0) = 1, c_out(0) = 0
+    # at large t the output is ~ the x0 of the eps network
+    t = torch.full((3,), 800.0)
+    a, s = sched.alpha_sigma(t)
+    x0 = (x - s[:, None] * net(x, t, None)) / a[:, None]
+    torch.testing.assert_close(den(x, t), x0, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="DiscreteVP"):
+        Denoiser(net, S.EDM(), precond=LCMPrecond())(x, torch.ones(3))
+
+
+def test_trigflow_precond_scales_input():
+    seen = {}
+    def net(x, t, cond):
+        seen["x"] = x
+        return torch.zeros_like(x)
+    sched = S.TrigFlow(sigma_data=0.5)
+    den = Denoiser(net, sched, precond=TrigFlowPrecond())
+    x = torch.randn(2, 3)
+    den(x, torch.full((2,), 0.3))
+    torch.testing.assert_close(seen["x"], x / 0.5)
+    assert den.prediction == "trigflow"
+
+
+def test_prediction_must_agree_with_precond():
+    with pytest.raises(ValueError, match="disagrees with the preconditioner"):
+        Denoiser(_net(), S.EDM(), "eps", precond=EDMPrecond())
+    with pytest.raises(ValueError, match="valid: eps"):
+        Denoiser(_net(), S.EDM(), "noise")
+
+
+def test_cfg_endpoints_and_batched_null_class():
+    net = Unet2D(in_channels=1, base_channels=8, channel_mults=(1, 2), num_classes=3, groups=4).eval()
+    den = Denoiser(net, S.DiscreteVP(), "eps")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.full((2,), 500.0), torch.tensor([0, 2])
+    cond_out, uncond_out = den(x, t, y), den(x, t, None)
+    torch.testing.assert_close(CFGDenoiser(den, 1.0)(x, t, y), cond_out)
+    torch.testing.assert_close(CFGDenoiser(den, 0.0)(x, t, y), uncond_out)
+    two_calls = CFGDenoiser(den, 3.0)(x, t, y)
+    torch.testing.assert_close(two_calls, uncond_out + 3.0 * (cond_out - uncond_out))
+    batched = CFGDenoiser(den, 3.0, null_cond=torch.tensor(net.null_class))(x, t, y)
+    torch.testing.assert_close(batched, two_calls, atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_guidance_shifts_eps_by_the_log_likelihood_gradient():
+    sched = S.DiscreteVP()
+    den = Denoiser(lambda x, t, c: torch.zeros_like(x), sched, "eps")
+    W = torch.randn(2, 3)
+    guided = ClassifierGuidance(den, lambda x, t: x @ W, scale=2.0)
+    x, t, y = torch.randn(4, 2), torch.full((4,), 300.0), torch.tensor([0, 1, 2, 1])
+    p = torch.softmax(x @ W, -1)
+    grad = W.T[y] - p @ W.T  # d/dx log softmax(xW)_y
+    _, sigma = sched.alpha_sigma(t)
+    torch.testing.assert_close(guided(x, t, y), -2.0 * sigma[:, None] * grad)
+    with pytest.raises(ValueError, match="labels"):
+        guided(x, t, None)
+
+
+def test_clip_x0_static_and_dynamic():
+    sched = S.DiscreteVP()
+    den = Denoiser(lambda x, t, c: 3 * x, sched, "x0")
+    x, t = torch.randn(4, 10), torch.full((4,), 10.0)
+    torch.testing.assert_close(ClipX0(den, 1.0)(x, t), (3 * x).clamp(-1, 1))
+    dyn = ClipX0(den, 1.0, dynamic_quantile=0.9)(x, t)
+    s = torch.quantile((3 * x).abs(), 0.9, dim=1).clamp_min(1.0)[:, None]
+    torch.testing.assert_close(dyn, (3 * x).clamp(-s, s) / s)
+    assert dyn.abs().max() <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="dynamic_quantile"):
+        ClipX0(den, 1.0, dynamic_quantile=1.5)
+
+
+def test_x0_eps_rejects_bad_time_shape():
+    den = Denoiser(_net(), S.DiscreteVP(), "eps")
+    with pytest.raises(ValueError, match="t must be a scalar or have shape"):
+        den.x0_eps(torch.randn(4, 2), torch.zeros(3))
