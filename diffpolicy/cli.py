@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}
-        if args.quick:
-            values.update(train_steps=200, distill_steps=100, n_eval=500)
+        if args.quick:  # shorter budgets, except where the user chose a value
+            quick = dict(train_steps=200, ct_steps=200, n_eval=500, n_held_out=5000)
+            defaults = DemoConfig()
+            values.update({k: v for k, v in quick.items() if values[k] == getattr(defaults, k)})
         run_demo(DemoConfig(**values))
     return 0
 

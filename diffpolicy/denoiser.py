@@ -30,7 +30,7 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
 
 
 def _time_vector(t, x: Tensor) -> Tensor:
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    t = torch.as_tensor(t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     if t.dim() == 0:
         return t.expand(x.shape[0])
     if t.shape != x.shape[:1]:
@@ -102,18 +102,25 @@ class EDMPrecond(nn.Module):
 
     prediction = "x0"
 
-    def __init__(self, sigma_data: float = 0.5):
+    def __init__(self, sigma_data: float | None = None):
         super().__init__()
-        self.sigma_data = sigma_data
+        self._sigma_data = sigma_data
 
-    def scalings(self, sigma):
-        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
+    def sd(self, schedule) -> float:
+        """``sigma_data``: the one given, else the schedule's (one source of truth)."""
+        return schedule.sigma_data if self._sigma_data is None else self._sigma_data
+
+    def scalings(self, sigma, schedule):
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sd(schedule))
         return c_skip, c_out, c_in, 1000.0 * c_noise
 
     def forward(self, net, x, t, cond, schedule):
         alpha, sigma = schedule.alpha_sigma(t)
+        if bool((alpha == 0).any()):
+            raise ValueError(f"{type(self).__name__} divides by alpha_t, which is 0 at t={float(t.max())} on the "
+                             f"{schedule.name} schedule: start sampling below that time")
         xs = x / expand_like(alpha, x)
-        c_skip, c_out, c_in, c_noise = self.scalings(sigma / alpha)
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma / alpha, schedule)
         c_skip, c_out, c_in = (expand_like(c, x) for c in (c_skip, c_out, c_in))
         return c_skip * xs + c_out * net(c_in * xs, c_noise, cond)
 
@@ -122,15 +129,17 @@ class ConsistencyPrecond(EDMPrecond):
     """Consistency-model parameterisation (Song et al. 2023 eq. 7): ``f(x, sigma_min) = x``.
 
     Same shape as EDM with the boundary-respecting ``c_skip, c_out`` of
-    :func:`~diffpolicy.parameterization.consistency_scalings`; outputs ``x0``.
+    :func:`~diffpolicy.parameterization.consistency_scalings`; outputs ``x0``. ``sigma_data`` and
+    ``sigma_min`` default to the schedule's, so the boundary sits where its grids end.
     """
 
-    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    def __init__(self, sigma_data: float | None = None, sigma_min: float | None = None):
         super().__init__(sigma_data)
-        self.sigma_min = sigma_min
+        self._sigma_min = sigma_min
 
-    def scalings(self, sigma):
-        c_skip, c_out, c_in = consistency_scalings(sigma, self.sigma_data, self.sigma_min)
+    def scalings(self, sigma, schedule):
+        sigma_min = getattr(schedule, "sigma_min", 0.002) if self._sigma_min is None else self._sigma_min
+        c_skip, c_out, c_in = consistency_scalings(sigma, self.sd(schedule), sigma_min)
         return c_skip, c_out, c_in, 250.0 * torch.log(sigma)
 
 
@@ -184,7 +193,8 @@ class _Wrapper(DenoiserBase):
 class CFGDenoiser(_Wrapper):
     """Classifier-free guidance (Ho & Salimans 2022 eq. 6): ``u + w (c - u)``.
 
-    ``w = 1`` is the conditional model, ``w = 0`` the unconditional one. All prediction kinds
+    ``w = 1`` is the conditional model, ``w = 0`` the unconditional one (``w = 1 + w'`` for the
+    ``w'`` of Ho & Salimans' eq. 6, diffusers' convention). All prediction kinds
     are affine in ``(x0, eps)`` given ``x_t``, so guiding the raw prediction is the same as
     guiding eps. ``null_cond`` is the conditioning meaning "none" (e.g. the null class); when
     it is given both halves run as one batch, otherwise the inner denoiser gets ``cond=None``.
@@ -196,6 +206,8 @@ class CFGDenoiser(_Wrapper):
         self.null_cond = null_cond
 
     def forward(self, x, t, cond=None):
+        if cond is None:
+            raise ValueError("CFGDenoiser needs the conditioning cond (the unconditional half is made here)")
         if self.null_cond is None:
             cond_out, uncond_out = self.inner(x, t, cond), self.inner(x, t, None)
         else:

@@ -23,6 +23,7 @@ class EMA(AveragedModel):
         self.decay, self.warmup = decay, warmup
         super().__init__(model, multi_avg_fn=self._average, use_buffers=True)
         self.module.requires_grad_(False)
+        self.updates = 0  # a Python counter: reading n_averaged would sync a GPU every step
 
     def current_decay(self, k: int) -> float:
         """The decay used for the ``k``-th update (``k = 0`` is the first)."""
@@ -30,9 +31,15 @@ class EMA(AveragedModel):
 
     @torch.no_grad()
     def _average(self, ema_params, params, num_averaged):
-        d = self.current_decay(int(num_averaged) - 1)
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        d = self.current_decay(self.updates - 1)
+        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - d)
+        for e, p in zip(ema_params, params):  # integer buffers (e.g. BatchNorm counters): copy
+            if not e.is_floating_point():
+                e.copy_(p)
 
     def update(self, model: nn.Module) -> None:
         """Average ``model``'s current parameters into the EMA copy."""
         self.update_parameters(model)
+        self.updates += 1

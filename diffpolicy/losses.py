@@ -47,13 +47,21 @@ def loss_weight(weighting: str, kind: str, alpha, sigma, d_alpha=None, d_sigma=N
         raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     if weighting == "uniform":
         return torch.ones_like(torch.as_tensor(sigma))
+    snr = alpha**2 / sigma**2
+    if weighting == "min_snr" and kind in ("eps", "score"):
+        # min(SNR, g) * b^2 with b^2 = 1/SNR (eps) or sigma^2/SNR (score), finite at SNR = 0
+        w = torch.clamp(min_snr_gamma / snr, max=1.0)
+        return w if kind == "eps" else w * sigma**2
     _, b, _, _ = kind_coefficients(kind, alpha, sigma, d_alpha, d_sigma, sigma_data)
     if weighting == "min_snr":
-        w_x0 = torch.clamp(alpha**2 / sigma**2, max=min_snr_gamma)
+        w = torch.clamp(snr, max=min_snr_gamma) * b**2
     else:
         s = sigma / alpha
-        w_x0 = (s**2 + sigma_data**2) / (s * sigma_data) ** 2
-    return w_x0 * b**2
+        w = (s**2 + sigma_data**2) / (s * sigma_data) ** 2 * b**2
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"the {weighting!r} weighting is not finite for a {kind!r} prediction where alpha = 0 "
+                         f"(zero terminal SNR): use v-prediction or min_snr")
+    return w
 
 
 def diffusion_loss(denoiser: DenoiserBase, x0: Tensor, cond=None, *, t: Tensor | None = None,
@@ -70,9 +78,15 @@ def diffusion_loss(denoiser: DenoiserBase, x0: Tensor, cond=None, *, t: Tensor |
     B = x0.shape[0]
     if isinstance(cond, Tensor) and cond.shape[0] != B:
         raise ValueError(f"cond has batch size {cond.shape[0]} but x0 has {B}")
+    tdtype = torch.promote_types(x0.dtype, torch.float32)
     if t is None:
-        t = sched.sample_t(B, generator=generator, device=x0.device)
-    t = sched.check_t(t).to(x0.dtype)
+        t = sched.sample_t(B, generator=generator, device=x0.device).to(tdtype)
+    else:
+        t = torch.as_tensor(t, dtype=tdtype, device=x0.device)
+        t = t.expand(B) if t.dim() == 0 else t
+        if t.shape != (B,):
+            raise ValueError(f"t must be a scalar or have shape [{B}] (the batch of x0); got {tuple(t.shape)}")
+        sched.check_t(t)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     elif noise.shape != x0.shape:
@@ -154,16 +168,23 @@ def consistency_training_loss(model: DenoiserBase, x0: Tensor, cond=None, *, ste
     if not isinstance(sched, VE):
         raise ValueError("consistency_training_loss needs a VE/EDM schedule (sigma = t)")
     n = ct_num_scales(step, total_steps, s0, s1)
-    sig = karras_sigmas(n, sched.sigma_min, sched.sigma_max).flip(0)  # ascending
+    sig = karras_sigmas(n, sched.sigma_min, sched.sigma_max, sched.rho).flip(0).to(x0.device)  # ascending
     cdf = torch.erf((sig.log() - p_mean) / (math.sqrt(2) * p_std))
     probs = (cdf[1:] - cdf[:-1]).clamp_min(0)
     i = torch.multinomial(probs.float(), x0.shape[0], replacement=True, generator=generator)
-    s_lo, s_hi = sig[i].to(x0), sig[i + 1].to(x0)
+    tdtype = torch.promote_types(x0.dtype, torch.float32)
+    s_lo, s_hi = sig[i].to(tdtype), sig[i + 1].to(tdtype)
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    out = model(x0 + expand_like(s_hi, x0) * z, s_hi, cond)
+    out = _consistency_fn(model, x0 + expand_like(s_hi, x0) * z, s_hi, cond)
     with torch.no_grad():
-        out_target = (target or model)(x0 + expand_like(s_lo, x0) * z, s_lo, cond)
+        out_target = _consistency_fn(target if target is not None else model,
+                                     x0 + expand_like(s_lo, x0) * z, s_lo, cond)
     return _metric(metric, out, out_target) / (s_hi - s_lo)
+
+
+def _consistency_fn(model: DenoiserBase, x: Tensor, t: Tensor, cond) -> Tensor:
+    """The consistency function f(x, t): the model's x0 estimate, whatever it predicts."""
+    return model(x, t, cond) if model.prediction == "x0" else model.x0_eps(x, t, cond)[0]
 
 
 def consistency_distillation_loss(model: DenoiserBase, teacher: DenoiserBase, x0: Tensor, cond=None, *,
@@ -175,17 +196,19 @@ def consistency_distillation_loss(model: DenoiserBase, teacher: DenoiserBase, x0
 
     On the model schedule's ``num_scales``-step grid, a pair ``t_n > t_{n+1}``: ``x_{t_n}`` from
     data, the teacher's DDIM (eta=0) solution to ``t_{n+1}`` in ``teacher_steps`` sub-steps, and
-    ``d(f(x_{t_n}, t_n), f^-(x_hat_{t_{n+1}}, t_{n+1}))``. ``guidance_scale`` wraps the teacher
+    ``d(f(x_{t_n}, t_n), f^-(x_hat_{t_{n+1}}, t_{n+1}))`` on the consistency function ``f`` (the
+    x0 estimate); at the data end ``f`` is the identity, so the last pair anchors the boundary
+    (Song et al. 2023 Alg. 2 includes ``t_1 = eps``). ``guidance_scale`` wraps the teacher
     in classifier-free guidance (CFG-augmented teacher, LCM eq. 11). Works for any schedule.
     """
     sched = model.schedule
+    if repr(teacher.schedule) != repr(sched):
+        raise ValueError(f"teacher ({teacher.schedule!r}) and student ({sched!r}) must share one schedule")
     if guidance_scale is not None:
         teacher = CFGDenoiser(teacher, guidance_scale, null_cond)
-    ts = sched.timesteps(num_scales)[:-1].to(x0)          # evaluation times, descending
-    if len(ts) < 2:
-        raise ValueError("num_scales must be at least 2")
+    ts = sched.timesteps(num_scales).to(device=x0.device, dtype=torch.promote_types(x0.dtype, torch.float32))
     n = torch.randint(0, len(ts) - 1, (x0.shape[0],), generator=generator, device=x0.device)
-    t_hi, t_lo = ts[n], ts[n + 1]
+    t_hi, t_lo = ts[n], ts[n + 1]   # the last pair ends at the data end, where f(x) = x
     alpha, sigma = (expand_like(v, x0) for v in sched.alpha_sigma(t_hi))
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x = alpha * x0 + sigma * z
@@ -195,8 +218,11 @@ def consistency_distillation_loss(model: DenoiserBase, teacher: DenoiserBase, x0
             t = t_hi + (t_lo - t_hi) * (k / teacher_steps)
             s = t_hi + (t_lo - t_hi) * ((k + 1) / teacher_steps)
             x_hat = _ddim_step(teacher, x_hat, t, s, cond)
-        out_target = (target or model)(x_hat, t_lo, cond)
-    return _metric(metric, model(x, t_hi, cond), out_target)
+        at_end = expand_like(sched.alpha_sigma(t_lo)[1] == 0, x0)
+        t_eval = torch.where(at_end.flatten(), ts[-2], t_lo)  # any valid time; replaced below
+        f_target = _consistency_fn(target if target is not None else model, x_hat, t_eval, cond)
+        out_target = torch.where(at_end, x_hat / expand_like(sched.alpha_sigma(t_lo)[0], x0), f_target)
+    return _metric(metric, _consistency_fn(model, x, t_hi, cond), out_target)
 
 
 def _ddim_step(denoiser: DenoiserBase, x: Tensor, t: Tensor, s: Tensor, cond) -> Tensor:

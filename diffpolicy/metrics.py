@@ -17,7 +17,7 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, p: int = 
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must be [N, D] and [M, D] with the same D; got {tuple(x.shape)}, {tuple(y.shape)}")
-    x, y = x.detach().double(), y.detach().double()
+    x, y = x.detach().cpu().double(), y.detach().cpu().double()
     theta = torch.randn(x.shape[1], n_projections, generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
     px, py = (x @ theta).sort(0).values, (y @ theta).sort(0).values

@@ -142,17 +142,19 @@ def to_rf_coordinates(x, alpha, sigma):
 
 
 def diffusion_v_to_rf_velocity(v, x, alpha, sigma):
-    """RF velocity ``eps - x0`` from a VP model's diffusion v (``alpha^2 + sigma^2 = 1``).
+    """RF velocity ``eps - x0`` from a diffusion-v prediction at ``x_t`` (any schedule).
 
-    From ``x0 = alpha x - sigma v`` and ``eps = sigma x + alpha v``:
-    ``u = (sigma - alpha) x + (alpha + sigma) v``.
+    For VP (``alpha^2 + sigma^2 = 1``) this is ``(sigma - alpha) x + (alpha + sigma) v``.
     """
-    return (sigma - alpha) * x + (alpha + sigma) * v
+    x0, eps = to_x0_eps("v", v, x, alpha, sigma)
+    return eps - x0
 
 
 def rf_velocity_to_diffusion_v(u, x, alpha, sigma):
-    """Inverse of :func:`diffusion_v_to_rf_velocity`."""
-    return (u - (sigma - alpha) * x) / (alpha + sigma)
+    """Inverse of :func:`diffusion_v_to_rf_velocity` (``u = eps - x0`` -> ``v``)."""
+    y, r = to_rf_coordinates(x, alpha, sigma)  # the same (x0, eps) on the straight path
+    x0, eps = to_x0_eps("rf_velocity", u, y, 1 - r, r, -1.0, 1.0)
+    return from_x0_eps("v", x0, eps, alpha, sigma)
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ trigflow       sCM multistep on TrigFlow (Lu & Song 2025) = consist.   n
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import weakref
@@ -41,7 +42,7 @@ from .parameterization import kind_coefficients, sde_coefficients
 from .schedules import DiscreteVP, TrigFlow
 
 __all__ = [
-    "SAMPLERS", "sample", "run_sampler", "prior", "ddim_std", "ddim_coefficients",
+    "SAMPLERS", "sample", "run_sampler", "prior", "consistency_timesteps", "ddim_std", "ddim_coefficients",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_sde", "sample_dpmpp_2m",
     "sample_langevin", "sample_rf_euler", "sample_consistency", "sample_lcm", "sample_trigflow",
 ]
@@ -105,13 +106,14 @@ def _prepare(denoiser: DenoiserBase, x: Tensor, ts, cond) -> _Grid:
         raise ValueError(f"cond has batch size {cond.shape[0]} but x has {x.shape[0]}")
     ts = tuple(ts.tolist()) if isinstance(ts, Tensor) else tuple(float(t) for t in ts)
     sched = denoiser.schedule
-    key = (denoiser.prediction, ts, x.shape[0], x.dtype, x.device)
+    key = (denoiser.prediction, sched.sigma_data, ts, x.shape[0], x.dtype, x.device)
     cache = _GRIDS.setdefault(sched, {})
     grid = cache.get(key)
     if grid is None:
         if len(cache) >= _GRIDS_PER_SCHEDULE:
             cache.clear()
-        grid = cache[key] = _make_grid(denoiser, torch.tensor(ts, dtype=torch.float64), x)
+        with torch.inference_mode(False):  # cached tensors must also serve later autograd calls
+            grid = cache[key] = _make_grid(denoiser, torch.tensor(ts, dtype=torch.float64), x)
     return grid
 
 
@@ -132,7 +134,8 @@ def _make_grid(denoiser: DenoiserBase, ts: Tensor, x: Tensor) -> _Grid:
                          f"{sched.name} schedule (alpha or sigma is 0 there): start the grid inside "
                          f"the interval or use another prediction kind")
     B = x.shape[0]
-    tvec = [torch.full((B,), float(t), dtype=x.dtype, device=x.device) for t in ts[:-1].tolist()]
+    tdtype = torch.promote_types(x.dtype, torch.float32)  # bf16 would round t = 999 to 1000
+    tvec = [torch.full((B,), float(t), dtype=tdtype, device=x.device) for t in ts[:-1].tolist()]
     return _Grid(len(ts) - 1, tvec, ts.tolist(), alpha.tolist(), sigma.tolist(),
                  d_alpha.tolist(), d_sigma.tolist(), [tuple(c) for c in coef.tolist()])
 
@@ -167,7 +170,8 @@ def sample_ddim(denoiser, x, ts, *, cond=None, eta: float = 0.0, noise=None, gen
     z = _noise(noise, generator, x, g.n)
     steps = g.memo.get(("ddim", eta, _variance))
     if steps is None:
-        steps = g.memo[("ddim", eta, _variance)] = _ddim_steps(g, eta, _variance, x)
+        with torch.inference_mode(False):
+            steps = g.memo[("ddim", eta, _variance)] = _ddim_steps(g, eta, _variance, x)
     for i, (A, B, std) in enumerate(steps):
         p = denoiser(x, g.t[i], cond)
         _callback(callback, g, i, x, p)
@@ -342,6 +346,9 @@ def sample_rf_euler(denoiser, x, ts, *, cond=None, form: str = "velocity", callb
     if form not in RF_FORMS:
         raise ValueError(f"unknown form {form!r}; valid: {', '.join(RF_FORMS)}")
     g = _prepare(denoiser, x, ts, cond)
+    if form == "eps" and any(g.alpha[i] == 0 for i in range(g.n)):
+        raise ValueError("the eps form divides by 1 - r, which is 0 where alpha = 0 (t = "
+                         f"{g.ts[0]}): use form='velocity' or 'x0', or start the grid below that time")
     for i in range(g.n):
         p = denoiser(x, g.t[i], cond)
         _callback(callback, g, i, x, p)
@@ -365,7 +372,8 @@ def sample_consistency(denoiser, x, ts, *, cond=None, noise=None, generator=None
 
     ``x0 = f(x, ts[0])``; then for each later time ``t`` in ``ts[1:-1]``: re-noise
     ``x = alpha_t x0 + sigma_t z`` and ``x0 = f(x, t)``. Returns ``x0``. With a consistency
-    parameterisation ``f`` is the denoiser's ``x0`` prediction.
+    parameterisation ``f`` is the denoiser's ``x0`` prediction. Build ``ts`` with
+    :func:`consistency_timesteps`, so that no evaluation lands on ``sigma_min``.
     """
     g = _prepare(denoiser, x, ts, cond)
     z = _noise(noise, generator, x, g.n)
@@ -436,7 +444,19 @@ def run_sampler(name: str, denoiser: DenoiserBase, x: Tensor, ts, *, cond=None, 
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
     fn = SAMPLERS[name]
-    params = inspect.signature(fn).parameters
-    if "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if _takes_generator(fn):
         kwargs["generator"] = generator
     return fn(denoiser, x, ts, cond=cond, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_generator(fn) -> bool:
+    params = inspect.signature(fn).parameters
+    return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def consistency_timesteps(schedule, n: int, **grid) -> Tensor:
+    """A grid for ``n``-step consistency sampling: ``schedule.timesteps(n + 1)`` without its last
+    evaluation time, which on EDM-type grids is ``sigma_min``, where ``f`` is the identity."""
+    ts = schedule.timesteps(n + 1, **grid)
+    return torch.cat([ts[:-2], ts[-1:]])

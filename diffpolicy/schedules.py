@@ -52,7 +52,7 @@ class Schedule:
         """Network time input: ``1000 t`` for unit-interval schedules."""
         return t * 1000.0
 
-    def timesteps(self, n: int, **kwargs) -> Tensor:
+    def timesteps(self, n: int) -> Tensor:
         """``n + 1`` uniformly spaced times from ``t_max`` down to ``t_min`` (the data end)."""
         _check_steps(n)
         return torch.linspace(self.t_max, self.t_min, n + 1, dtype=torch.float64)
@@ -162,7 +162,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
-SPACINGS = ("leading", "linspace", "trailing", "logsnr")
+SPACINGS = ("leading", "linspace", "trailing", "logsnr", "quadratic")
 
 
 class DiscreteVP(Schedule):
@@ -196,7 +196,8 @@ class DiscreteVP(Schedule):
 
     def _config(self):
         return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                    zero_terminal_snr=self.zero_terminal_snr)
+                    beta_start=self.beta_start, beta_end=self.beta_end, zero_terminal_snr=self.zero_terminal_snr,
+                    final_alpha_one=self.final_alpha_one, steps_offset=self.steps_offset)
 
     def _abar_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t)
@@ -220,24 +221,30 @@ class DiscreteVP(Schedule):
     def net_time(self, t):
         return t
 
-    def timesteps(self, n: int, spacing: str = "trailing", **kwargs) -> Tensor:
+    def timesteps(self, n: int, spacing: str = "trailing") -> Tensor:
         """diffusers' timestep spacings (Lin et al. 2024, Table 2) followed by the end time -1.
 
         The default is ``"trailing"``, which starts every grid at ``N - 1`` (Lin et al. 2024
         §3.3); diffusers' DDIM default is ``"leading"``.
 
-        ``"logsnr"`` (not in diffusers): uniform in log-SNR between ``N - 1`` and 0, rounded to
-        integer timesteps (DPM-Solver's recommended grid for few steps).
+        Not in diffusers, rounded to integer timesteps: ``"logsnr"``, uniform in log-SNR between
+        ``N - 1`` and 0, and ``"quadratic"``, ``(N - 1) u^2`` for ``u`` uniform on ``[0, 1]``
+        (DPM-Solver's few-step grids, Lu et al. 2022 App. D.1).
         """
         _check_steps(n)
         _choice("timestep spacing", spacing, SPACINGS)
         N = self.num_train_timesteps
         if n > N:
             raise ValueError(f"n={n} sampling steps exceed the {N} training timesteps")
-        if spacing == "logsnr":
-            ts = self.logsnr_times(n, N - 1.0, 0.0).round()
-            if len(ts.unique()) != n:
-                raise ValueError(f"{n} log-SNR steps collide after rounding to {N} timesteps; use fewer")
+        if spacing in ("logsnr", "quadratic"):
+            if spacing == "logsnr":
+                ts = self.logsnr_times(n, N - 1.0, 0.0).round()
+            else:
+                ts = ((N - 1) * torch.linspace(1, 0, n, dtype=torch.float64) ** 2).round()
+            for k in range(n - 2, -1, -1):  # rounding can merge the small times: keep them distinct
+                ts[k] = max(ts[k], ts[k + 1] + 1)
+            if ts[0] > N - 1:
+                raise ValueError(f"{n} {spacing} steps do not fit into {N} timesteps; use fewer")
         elif spacing == "linspace":  # numpy arithmetic, so that .5 ties round as in diffusers
             ts = torch.from_numpy(np.linspace(0, N - 1, n).round()[::-1].copy())
         elif spacing == "leading":
@@ -268,7 +275,7 @@ class VPSDE(Schedule):
         self.t_min, self.t_max = 0.0, 1.0
 
     def _config(self):
-        return dict(beta_min=self.beta_min, beta_max=self.beta_max)
+        return dict(beta_min=self.beta_min, beta_max=self.beta_max, t_eps=self.t_eps)
 
     def _log_alpha(self, t):
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -289,12 +296,15 @@ class VPSDE(Schedule):
         u = torch.rand(n, generator=generator, device=device)
         return self.t_eps + u * (1 - self.t_eps)
 
-    def timesteps(self, n, grid: str = "uniform", **kwargs):
-        """``n`` times from 1 to ``t_eps`` (uniform, or uniform in log-SNR), then 0."""
-        _choice("vp_sde grid", grid, ("uniform", "logsnr"))
+    def timesteps(self, n, grid: str = "uniform"):
+        """``n`` times from 1 to ``t_eps`` (uniform, uniform in log-SNR, or DPM-Solver's
+        time-quadratic ``t_eps + (1 - t_eps) u^2``), then 0."""
+        _choice("vp_sde grid", grid, ("uniform", "logsnr", "quadratic"))
         _check_steps(n)
         if grid == "logsnr":
             ts = self.logsnr_times(n, 1.0, self.t_eps)
+        elif grid == "quadratic":
+            ts = self.t_eps + (1 - self.t_eps) * torch.linspace(1, 0, n, dtype=torch.float64) ** 2
         else:
             ts = torch.linspace(1.0, self.t_eps, n, dtype=torch.float64)
         return torch.cat([ts, ts.new_zeros(1)])
@@ -324,7 +334,7 @@ class VE(Schedule):
         self.t_min, self.t_max = 0.0, float(sigma_max)
 
     def _config(self):
-        return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho, sigma_data=self.sigma_data)
 
     def alpha_sigma(self, t):
         t = torch.as_tensor(t)
@@ -338,7 +348,7 @@ class VE(Schedule):
         """EDM's ``c_noise = ln(sigma)/4`` (Karras et al. 2022 Table 1), times 1000."""
         return 250.0 * t.clamp_min(1e-20).log()
 
-    def timesteps(self, n, grid: str | None = None, **kwargs):
+    def timesteps(self, n, grid: str | None = None):
         """``n`` sigmas from ``sigma_max`` to ``sigma_min`` (geometric or Karras), then 0."""
         grid = _choice("sigma grid", grid or self.default_grid, ("geometric", "karras"))
         if grid == "karras":
@@ -389,7 +399,8 @@ class RectifiedFlow(Schedule):
         self.t_min, self.t_max = 0.0, 1.0
 
     def _config(self):
-        return dict(time_sampling=self.time_sampling, shift=self.shift)
+        return dict(time_sampling=self.time_sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                    t_eps=self.t_eps, shift=self.shift)
 
     def alpha_sigma(self, t):
         t = torch.as_tensor(t)
@@ -406,7 +417,7 @@ class RectifiedFlow(Schedule):
             t = torch.rand(n, generator=generator, device=device)
         return t.clamp(self.t_eps, 1.0)
 
-    def timesteps(self, n, **kwargs):
+    def timesteps(self, n):
         """Uniform grid, optionally shifted ``t' = s t / (1 + (s - 1) t)`` (Esser et al. 2024 §5.3.2)."""
         t = super().timesteps(n)
         return self.shift * t / (1 + (self.shift - 1) * t)
@@ -427,7 +438,7 @@ class TrigFlow(Schedule):
         self.t_min, self.t_max = 0.0, float(t_max)
 
     def _config(self):
-        return dict(sigma_data=self.sigma_data)
+        return dict(sigma_data=self.sigma_data, p_mean=self.p_mean, p_std=self.p_std, t_max=self.t_max)
 
     def alpha_sigma(self, t):
         t = torch.as_tensor(t)
@@ -444,7 +455,7 @@ class TrigFlow(Schedule):
         tau = self.p_mean + self.p_std * torch.randn(n, generator=generator, device=device)
         return torch.atan(tau.exp() / self.sigma_data)
 
-    def timesteps(self, n, grid: str = "uniform", **kwargs):
+    def timesteps(self, n, grid: str = "uniform"):
         """Uniform in ``t``, or EDM's Karras sigmas mapped by ``t = arctan(sigma / sigma_d)``."""
         _choice("trigflow grid", grid, ("uniform", "karras"))
         if grid == "uniform":

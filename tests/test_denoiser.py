@@ -121,3 +121,24 @@ def test_x0_eps_rejects_bad_time_shape():
     den = Denoiser(_net(), S.DiscreteVP(), "eps")
     with pytest.raises(ValueError, match="t must be a scalar or have shape"):
         den.x0_eps(torch.randn(4, 2), torch.zeros(3))
+
+
+def test_wrappers_and_preconditioners_reject_bad_use():
+    den = Denoiser(_net(), S.DiscreteVP(), "eps")
+    with pytest.raises(ValueError, match="needs the conditioning"):
+        CFGDenoiser(den, 2.0)(torch.randn(2, 2), torch.zeros(2), None)
+    rf = Denoiser(_net(), S.RectifiedFlow(), precond=EDMPrecond())
+    with pytest.raises(ValueError, match="divides by alpha_t"):
+        rf(torch.randn(2, 2), torch.ones(2))
+
+
+def test_consistency_precond_defaults_to_the_schedule():
+    den = Denoiser(_net(), S.VE(sigma_min=0.01, sigma_max=10.0, sigma_data=1.0), precond=ConsistencyPrecond())
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(den(x, torch.full((3,), 0.01)), x)
+
+
+def test_envs_and_agents_are_subpackages():
+    import diffpolicy.agents
+    import diffpolicy.envs
+    assert diffpolicy.envs.__name__ == "diffpolicy.envs" and diffpolicy.agents.__name__ == "diffpolicy.agents"

@@ -14,7 +14,7 @@ from diffpolicy.losses import (
 )
 from diffpolicy.nets import MLPDenoiser
 from diffpolicy.toys import GaussianMixtureDenoiser
-from tests.test_samplers import COV, MU, GaussianFlowMap
+from gaussian_toy import COV, MU, GaussianFlowMap
 
 
 def _net(obs_dim=0):
@@ -104,6 +104,12 @@ def test_consistency_distillation_vanishes_for_the_exact_consistency_function(sc
     assert float(good) < 2e-4 and float(bad) > 20 * float(good), (float(good), float(bad))
 
 
+def test_consistency_distillation_needs_one_schedule():
+    teacher = GaussianMixtureDenoiser(S.DiscreteVP(), MU, COV)
+    with pytest.raises(ValueError, match="share one schedule"):
+        consistency_distillation_loss(GaussianFlowMap(S.EDM()), teacher, torch.randn(4, 2))
+
+
 def test_denoising_loss_module_keys():
     den = Denoiser(_net(obs_dim=3), S.DiscreteVP(), "eps")
     loss = DenoisingLoss(den)
@@ -142,3 +148,74 @@ def test_ema_matches_closed_form():
     assert not ema.module.weight.requires_grad
     warm = EMA(model, decay=0.999, warmup=True)
     assert warm.current_decay(0) == pytest.approx(0.1) and warm.current_decay(10**6) == 0.999
+
+
+def test_consistency_distillation_anchors_the_boundary():
+    """A student that ignores its input (x0 = 0) must not reach zero loss: the last pair ends at
+    the data end, where the consistency function is the identity (Song et al. 2023 Alg. 2)."""
+    sched = S.DiscreteVP(1000)
+    teacher = GaussianMixtureDenoiser(sched, MU, COV, prediction="eps")
+    trivial = Denoiser(lambda x, t, c: torch.zeros_like(x), sched, "x0")
+    x0 = MU + torch.randn(512, 2) @ torch.linalg.cholesky(COV[0]).T
+    loss = consistency_distillation_loss(trivial, teacher, x0, num_scales=10, generator=torch.Generator().manual_seed(0))
+    hit = (loss > 0.05).float().mean()  # the boundary pair: 1 in num_scales of the batch
+    assert float(loss.max()) > 0.2 and 0.04 < float(hit) < 0.2, (float(loss.max()), float(hit))
+
+
+def test_consistency_distillation_with_guided_teacher():
+    sched = S.DiscreteVP(1000)
+    calls = []
+    def net(x, t, c):
+        calls.append(c)
+        return torch.zeros_like(x) if c is None else 0.1 * torch.ones_like(x)
+    teacher = Denoiser(net, sched, "eps")
+    student = Denoiser(lambda x, t, c: torch.zeros_like(x), sched, "x0")
+    cond = torch.ones(8, 1)
+    loss = consistency_distillation_loss(student, teacher, torch.randn(8, 2), cond, num_scales=5, guidance_scale=3.0)
+    assert loss.shape == (8,) and any(c is None for c in calls) and any(c is not None for c in calls)
+
+
+def test_consistency_training_weights_and_stop_gradient():
+    sched = S.EDM()
+    net = _net()
+    from diffpolicy.denoiser import ConsistencyPrecond
+    model = Denoiser(net, sched, precond=ConsistencyPrecond())
+    x0 = torch.randn(64, 2)
+    from diffpolicy.losses import consistency_training_loss
+    loss = consistency_training_loss(model, x0, step=0, total_steps=100, generator=torch.Generator().manual_seed(0))
+    loss.mean().backward()
+    assert loss.shape == (64,) and bool((loss >= 0).all())
+    assert all(p.grad is not None for p in net.parameters())
+    # an exact consistency function in the identity limit: a model returning x0 itself gives zero loss
+    class Oracle(torch.nn.Module):
+        schedule, prediction = sched, "x0"
+        def forward(self, x, t, cond=None):
+            return x0
+    assert float(consistency_training_loss(Oracle(), x0, step=5, total_steps=100).abs().max()) < 1e-6
+
+
+def test_min_snr_is_finite_at_zero_terminal_snr():
+    sched = S.DiscreteVP(1000, "scaled_linear", 0.00085, 0.012, zero_terminal_snr=True)
+    t = torch.tensor([999.0, 500.0], dtype=torch.float64)
+    a, s = sched.alpha_sigma(t)
+    w = loss_weight("min_snr", "eps", a, s)
+    assert bool(torch.isfinite(w).all()) and float(w[0]) == 1.0
+    with pytest.raises(ValueError, match="not finite"):
+        loss_weight("edm", "eps", a, s)
+
+
+def test_edm_training_accepts_sigmas_beyond_sigma_max():
+    den = Denoiser(_net(), S.EDM(), precond=EDMPrecond(0.5))
+    loss = diffusion_loss(den, torch.randn(4, 2))  # sampled sigmas are log-normal, unbounded
+    assert loss.shape == (4,)
+    with pytest.raises(ValueError, match="t must be a scalar or have shape"):
+        diffusion_loss(den, torch.randn(4, 2), t=torch.ones(3))
+
+
+def test_ema_with_integer_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.5)
+    model(torch.randn(8, 2))
+    ema.update(model)
+    ema.update(model)
+    assert int(ema.module[1].num_batches_tracked) == 1

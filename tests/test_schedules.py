@@ -34,7 +34,8 @@ def test_closed_forms():
     torch.testing.assert_close(a, log_a.exp())
     torch.testing.assert_close(a**2 + s**2, torch.ones(3, dtype=torch.float64))
     a, s = S.RectifiedFlow().alpha_sigma(t)
-    torch.testing.assert_close(a, 1 - t) and torch.testing.assert_close(s, t)
+    torch.testing.assert_close(a, 1 - t)
+    torch.testing.assert_close(s, t)
     a, s = S.TrigFlow(sigma_data=0.5).alpha_sigma(t)
     torch.testing.assert_close(a, t.cos())
     torch.testing.assert_close(s, 0.5 * t.sin())
@@ -134,7 +135,7 @@ def test_bad_names_and_ranges():
         S.make_schedule("nope")
     with pytest.raises(ValueError, match="valid: .*linear"):
         S.DiscreteVP(beta_schedule="quadratic")
-    with pytest.raises(ValueError, match="valid: leading, linspace, logsnr, trailing"):
+    with pytest.raises(ValueError, match="valid: leading, linspace, logsnr, quadratic, trailing"):
         S.DiscreteVP().timesteps(10, spacing="odd")
     with pytest.raises(ValueError, match="ts must lie"):
         S.RectifiedFlow().check_t(torch.tensor([1.5]), "ts")
@@ -160,3 +161,25 @@ def test_logsnr_grid_is_uniform_in_log_snr(sched, kw):
     tol = 0.05 if isinstance(sched, S.DiscreteVP) else 1e-3  # integer rounding
     assert bool((steps > 0).all())
     assert float((steps - steps.mean()).abs().max()) < tol * float(lam[-1] - lam[0])
+
+
+def test_quadratic_grids():
+    ts = S.DiscreteVP(1000).timesteps(5, spacing="quadratic")
+    assert ts.tolist() == [999.0, 562.0, 250.0, 62.0, 0.0, -1.0]  # round(999 u^2)
+    ts = S.VPSDE(t_eps=0.01).timesteps(3, grid="quadratic")
+    torch.testing.assert_close(ts, torch.tensor([1.0, 0.01 + 0.99 * 0.25, 0.01, 0.0], dtype=torch.float64))
+    ts = S.DiscreteVP(1000).timesteps(50, spacing="quadratic")  # round(999 (1/49)^2) = 0 merges: pushed up
+    assert ts[-4:].tolist() == [2.0, 1.0, 0.0, -1.0] and bool((ts[1:] < ts[:-1]).all())
+    assert S.DiscreteVP(20).timesteps(20, spacing="quadratic")[:-1].tolist() == list(range(19, -1, -1))
+
+
+def test_unknown_grid_options_are_rejected():
+    with pytest.raises(TypeError):
+        S.VPSDE().timesteps(4, spacing="logsnr")  # VPSDE's option is grid=
+    with pytest.raises(ValueError, match="valid: logsnr, quadratic, uniform"):
+        S.VPSDE().timesteps(4, grid="karras")
+
+
+def test_repr_names_every_setting():
+    assert repr(S.DiscreteVP(beta_end=0.03)) != repr(S.DiscreteVP())
+    assert repr(S.EDM(rho=3.0)) != repr(S.EDM())
