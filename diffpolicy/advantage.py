@@ -1,0 +1,86 @@
+"""Advantages and weights for reward-driven diffusion: DPPO's two-layer MDP, DDPO, DRWR/DAWR.
+
+Environment-level advantages come from TorchRL's estimators on a state-only critic
+(:func:`env_gae`); :func:`spread_over_chain` carries them onto the ``K`` denoising steps of
+each environment step with a denoising discount (Ren et al. 2024, DPPO §4.2 and App. C).
+"""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+__all__ = ["env_gae", "spread_over_chain", "PerContextStandardizer", "reward_weights"]
+
+
+def env_gae(td: TensorDictBase, critic, *, gamma: float = 0.99, lmbda: float = 0.95) -> TensorDictBase:
+    """GAE (Schulman et al. 2016 eq. 16) at environment level with TorchRL's estimator.
+
+    ``td`` is an environment rollout ``[..., T]`` (time last) with ``observation``,
+    ``("next", "observation" | "reward" | "done" | "terminated")``; ``critic`` a TorchRL
+    ``TensorDictModule`` reading the *state only* (DPPO: the critic never sees the denoising
+    chain). Writes ``advantage`` and ``value_target`` in place and returns ``td``.
+    """
+    from torchrl.objectives.value import GAE
+
+    with torch.no_grad():
+        return GAE(gamma=gamma, lmbda=lmbda, value_network=critic, average_gae=False)(td)
+
+
+def spread_over_chain(advantage: Tensor, num_steps: int, denoising_discount: float = 1.0) -> Tensor:
+    """Advantage of each of ``K`` denoising steps: ``A * gamma_d^(K - 1 - k)`` for step ``k``.
+
+    ``advantage [...]`` (one per environment step, a trailing singleton dimension is dropped)
+    -> ``[..., K]``. The last denoising step (the one that emits the action) keeps ``A``;
+    earlier steps are discounted (DPPO App. C, ``gamma_denoising``).
+    """
+    if advantage.dim() > 1 and advantage.shape[-1] == 1:
+        advantage = advantage.squeeze(-1)
+    k = torch.arange(num_steps, device=advantage.device, dtype=advantage.dtype)
+    return advantage.unsqueeze(-1) * denoising_discount ** (num_steps - 1 - k)
+
+
+class PerContextStandardizer:
+    """Per-context reward standardisation (DDPO, Black et al. 2024 App. A "per-prompt stat tracking").
+
+    Each context (a prompt, a class, an observation id) keeps its last ``buffer_size`` rewards;
+    a reward is standardised by its context's buffer once that holds ``min_count`` rewards,
+    and by the whole batch before that. ``std`` gets ``eps`` added.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16, eps: float = 1e-6):
+        if min_count > buffer_size:
+            raise ValueError(f"min_count ({min_count}) cannot exceed buffer_size ({buffer_size})")
+        self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
+        self.buffers: dict = defaultdict(lambda: deque(maxlen=self.buffer_size))
+
+    def __call__(self, contexts, rewards: Tensor) -> Tensor:
+        """``contexts``: a sequence or ``[B]`` tensor of hashable ids; ``rewards [B]`` -> advantages ``[B]``."""
+        keys = contexts.tolist() if isinstance(contexts, Tensor) else list(contexts)
+        if len(keys) != rewards.shape[0]:
+            raise ValueError(f"{len(keys)} contexts for {rewards.shape[0]} rewards")
+        r = rewards.detach().double().cpu()
+        out = torch.empty_like(r)
+        batch_mean, batch_std = r.mean(), r.std(unbiased=False) + self.eps
+        for key in dict.fromkeys(keys):
+            idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+            buf = self.buffers[key]
+            buf.extend(r[idx].tolist())
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                b = torch.tensor(buf, dtype=torch.float64)
+                mean, std = b.mean(), b.std(unbiased=False) + self.eps
+            out[idx] = (r[idx] - mean) / std
+        return out.to(rewards)
+
+
+def reward_weights(values: Tensor, beta: float, max_weight: float | None = None) -> Tensor:
+    """``exp(beta * values)``, clipped at ``max_weight`` (Peters & Schaal 2007; DPPO's DRWR/DAWR).
+
+    ``values`` are returns (DRWR) or advantages (DAWR).
+    """
+    w = torch.exp(beta * values)
+    return w if max_weight is None else w.clamp(max=max_weight)

@@ -1,0 +1,140 @@
+"""Advantages and chain losses (the RL half of the chain core)."""
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+
+from diffpolicy import schedules as S
+from diffpolicy.advantage import PerContextStandardizer, env_gae, reward_weights, spread_over_chain
+from diffpolicy.chain import rollout, set_reward
+from diffpolicy.chain_losses import ChainPPOLoss, ChainScoreFunctionLoss, QScoreMatchingLoss, RewardWeightedLoss
+from diffpolicy.denoiser import Denoiser
+from diffpolicy.nets import MLPDenoiser
+
+
+def _den(obs_dim=2):
+    torch.manual_seed(0)
+    return Denoiser(MLPDenoiser(2, obs_dim=obs_dim, hidden=32, depth=2, time_dim=8), S.DiscreteVP(100), "eps")
+
+
+def test_env_gae_matches_hand_computation():
+    """T = 3, one env, critic V(s) = s: deltas and the GAE recursion by hand."""
+    critic = TensorDictModule(lambda o: o, in_keys=["observation"], out_keys=["state_value"])
+    obs = torch.tensor([[1.0], [2.0], [3.0]])
+    nxt = torch.tensor([[2.0], [3.0], [4.0]])
+    rew = torch.tensor([[1.0], [0.0], [2.0]])
+    done = torch.tensor([[False], [False], [True]])
+    td = TensorDict({"observation": obs, "next": {"observation": nxt, "reward": rew, "done": done,
+                                                  "terminated": done.clone()}}, [3])
+    g, lam = 0.9, 0.5
+    env_gae(td, critic, gamma=g, lmbda=lam)
+    d = [1 + g * 2 - 1, 0 + g * 3 - 2, 2 - 3]  # last step terminal: no bootstrap
+    a2 = d[2]
+    a1 = d[1] + g * lam * a2
+    a0 = d[0] + g * lam * a1
+    torch.testing.assert_close(td["advantage"].squeeze(-1), torch.tensor([a0, a1, a2]))
+    torch.testing.assert_close(td["value_target"], td["advantage"] + obs)
+
+
+def test_spread_over_chain_discounts_earlier_denoising_steps():
+    adv = torch.tensor([[2.0], [-1.0]])
+    out = spread_over_chain(adv, 3, 0.5)
+    torch.testing.assert_close(out, torch.tensor([[0.5, 1.0, 2.0], [-0.25, -0.5, -1.0]]))
+
+
+def test_per_context_standardizer_uses_batch_until_min_count():
+    st = PerContextStandardizer(buffer_size=4, min_count=3)
+    r = torch.tensor([1.0, 2.0, 10.0, 20.0])
+    out = st([0, 0, 1, 1], r)  # 2 rewards per context < 3: batch statistics
+    torch.testing.assert_close(out, (r - r.mean()) / (r.std(unbiased=False) + 1e-6))
+    out = st([0, 0, 1, 1], torch.tensor([3.0, 4.0, 30.0, 40.0]))  # now 4 each: per-context
+    b0 = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(out[:2], (torch.tensor([3.0, 4.0]) - b0.mean()) / (b0.std(unbiased=False) + 1e-6))
+    st([0], torch.tensor([5.0]))  # bounded buffer drops the oldest
+    assert list(st.buffers[0]) == [2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="cannot exceed"):
+        PerContextStandardizer(buffer_size=2, min_count=5)
+
+
+def test_reward_weights_clip():
+    w = reward_weights(torch.tensor([0.0, 1.0, 10.0]), beta=1.0, max_weight=5.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, torch.e, 5.0]))
+
+
+def _batch(den, n=64, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(n, 2, generator=g)
+    with torch.no_grad():
+        td = rollout(den, torch.randn(n, 2, generator=g), den.schedule.timesteps(k), obs, min_logprob_std=0.05,
+                     min_std=0.05, generator=g)
+    r = -((td["next", "x"][:, -1] - 1.0) ** 2).sum(-1)
+    set_reward(td, r)
+    td["advantage"] = ((r - r.mean()) / r.std()).unsqueeze(1).expand(n, k)
+    return td
+
+
+def test_ppo_with_one_epoch_and_no_clip_has_the_score_function_gradient():
+    den = _den()
+    flat = _batch(den).reshape(-1)
+    grads = []
+    for loss in (ChainPPOLoss(den, clip_epsilon=1e9, min_logprob_std=0.05),
+                 ChainScoreFunctionLoss(den, min_logprob_std=0.05)):
+        den.zero_grad()
+        loss(flat)["loss_objective"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in den.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_diagnostics_and_renamed_keys():
+    den = _den()
+    flat = _batch(den).reshape(-1)
+    loss = ChainPPOLoss(den, min_logprob_std=0.05)
+    out = loss(flat)
+    assert float(out["ratio"]) == pytest.approx(1.0, abs=1e-4) and float(out["clip_fraction"]) == 0.0
+    assert abs(float(out["approx_kl"])) < 1e-6
+    renamed = flat.rename_key_("advantage", "adv").rename_key_("log_prob", ("old", "lp"))
+    loss.set_keys(advantage="adv", log_prob=("old", "lp"))
+    assert torch.isfinite(loss(renamed)["loss_objective"])
+
+
+@pytest.mark.parametrize("name", ["sf", "ppo"])
+def test_chain_policy_gradient_raises_reward(name):
+    den = _den()
+    opt = torch.optim.Adam(den.parameters(), lr=3e-3)
+    loss = (ChainScoreFunctionLoss if name == "sf" else ChainPPOLoss)(den, min_logprob_std=0.05)
+    before = float(_batch(den, 512, seed=99)["next", "reward"].sum(1).mean())
+    for it in range(25):
+        flat = _batch(den, 128, seed=it).reshape(-1)
+        opt.zero_grad(), loss(flat)["loss_objective"].backward(), opt.step()
+    after = float(_batch(den, 512, seed=99)["next", "reward"].sum(1).mean())
+    assert after > before + 0.3 * abs(before), (before, after)
+
+
+def test_reward_weighted_loss_moves_towards_heavy_samples():
+    den = _den()
+    loss = RewardWeightedLoss(den, normalize=True)
+    loss.set_keys(sample="a", cond="o", weight="w")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 2, generator=g)
+    td = TensorDict({"a": a, "o": torch.zeros(512, 2), "w": reward_weights(-((a - 1) ** 2).sum(-1), 2.0)}, [512])
+    opt = torch.optim.Adam(den.parameters(), lr=3e-3)
+    torch.manual_seed(5)
+    first = loss(td)["loss_diffusion"].item()
+    for _ in range(100):
+        opt.zero_grad(), loss(td)["loss_diffusion"].backward(), opt.step()
+    torch.manual_seed(5)
+    assert loss(td)["loss_diffusion"].item() < 0.8 * first
+
+
+def test_qsm_loss_decreases_and_reads_critic_gradient():
+    den = _den()
+    q = lambda obs, a: -((a - 1.0) ** 2).sum(-1)  # grad_a Q = -2 (a - 1)
+    loss = QScoreMatchingLoss(den, q, q_coeff=0.5)
+    td = TensorDict({"action": torch.randn(256, 2), "observation": torch.zeros(256, 2)}, [256])
+    opt = torch.optim.Adam(den.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    first = float(loss(td)["loss_qsm"])
+    for _ in range(150):
+        opt.zero_grad(), loss(td)["loss_qsm"].backward(), opt.step()
+    torch.manual_seed(1)
+    assert float(loss(td)["loss_qsm"]) < 0.5 * first
