@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .denoiser import DenoiserBase, expand_like
 from .parameterization import kind_coefficients
-from .samplers import ddim_std
+from .samplers import ddim_coefficients, ddim_std, prepare_grid
 
 __all__ = ["StepOutput", "step_distribution", "denoise_step", "gaussian_log_prob", "rollout", "rescore",
            "REDUCTIONS"]
@@ -120,33 +120,44 @@ def rollout(denoiser: DenoiserBase, x: Tensor, ts, cond=None, *, eta: float = 1.
     Only the last ``train_steps`` steps (default: all) are run by ``denoiser``; earlier ones by
     ``frozen`` (default: ``denoiser``) without a graph, so memory grows with ``train_steps``
     only (DPPO's fine-tuned last K' steps). With ``grad=True`` the graph of the trained steps
-    is kept and ``("next", "x")`` is differentiable (Diffusion-QL, DRaFT); otherwise the
-    rollout is data only. Rewards are zero; put the terminal reward with :func:`set_reward`.
+    is kept and ``("next", "x")`` and ``mean`` are differentiable (Diffusion-QL, DRaFT);
+    otherwise the rollout is data only. ``log_prob`` is always stored as data (the "old"
+    log-probs); :func:`rescore` gives differentiable ones. Rewards are zero; put the terminal
+    reward with :func:`set_reward`. Without ``clip_x0`` each step is fused into a few tensor ops
+    on the grid's precomputed scalars; the result equals :func:`denoise_step`'s.
     """
     ts = torch.as_tensor(ts, dtype=torch.float64)
     K, B = len(ts) - 1, x.shape[0]
+    tdtype = torch.promote_types(x.dtype, torch.float32)
     train_steps = K if train_steps is None else train_steps
     if not 0 <= train_steps <= K:
         raise ValueError(f"train_steps must be in [0, {K}], got {train_steps}")
     cond_k = _expand_cond(cond, B, K)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    g = prepare_grid(denoiser, x, ts, cond)
     xs, means, stds, lps = [], [], [], []
-    tvec = [torch.full((B,), float(v), dtype=x.dtype, device=x.device) for v in ts.tolist()]
     for k in range(K):
         trained = k >= K - train_steps
         model = denoiser if trained else (frozen or denoiser)
         with torch.set_grad_enabled(grad and trained):
-            out = denoise_step(model, x, tvec[k], tvec[k + 1], cond, eta=eta, min_std=min_std,
-                               min_logprob_std=min_logprob_std, noise_clip=noise_clip, clip_x0=clip_x0,
-                               reduction=reduction, generator=generator)
+            if clip_x0 is None:  # fused: the step is linear in (x, pred) with per-step scalars
+                mean, std, x_next, lp = _fused_step(model, x, g, k, cond, eta, min_std, min_logprob_std,
+                                                    noise_clip, reduction, generator)
+            else:
+                out = denoise_step(model, x, g.t[k], g.t[k + 1] if k + 1 < K else _end_time(g, x), cond, eta=eta,
+                                   min_std=min_std, min_logprob_std=min_logprob_std, noise_clip=noise_clip,
+                                   clip_x0=clip_x0, reduction=reduction, generator=generator)
+                mean, std, x_next, lp = out.mean, out.std, out.x_prev, out.log_prob
         xs.append(x)
-        means.append(out.mean), stds.append(out.std), lps.append(out.log_prob)
-        x = out.x_prev
+        means.append(mean), stds.append(std), lps.append(None if lp is None else lp.detach())
+        x = x_next
     stack = lambda v: torch.stack(v, 1)
     x_all = stack(xs + [x])
     done = torch.zeros(B, K, 1, dtype=torch.bool, device=x.device)
     done[:, -1] = True
     td = TensorDict({
-        "x": x_all[:, :-1], "t": ts[:-1].to(x).expand(B, K), "s": ts[1:].to(x).expand(B, K),
+        "x": x_all[:, :-1], "t": ts[:-1].to(x.device, tdtype).expand(B, K), "s": ts[1:].to(x.device, tdtype).expand(B, K),
         "mean": stack(means), "std": stack(stds), "log_prob": stack(lps),
         "next": {"x": x_all[:, 1:], "reward": torch.zeros(B, K, 1, dtype=x.dtype, device=x.device),
                  "done": done, "terminated": done.clone()},
@@ -154,6 +165,35 @@ def rollout(denoiser: DenoiserBase, x: Tensor, ts, cond=None, *, eta: float = 1.
     if cond_k is not None:
         td["cond"] = cond_k
     return td
+
+
+def _end_time(g, x: Tensor) -> Tensor:
+    return torch.full_like(g.t[0], g.ts[-1])
+
+
+def _fused_step(model, x, g, k, cond, eta, min_std, min_logprob_std, noise_clip, reduction, generator):
+    """The step of :func:`denoise_step` with the grid's scalar coefficients: a few tensor ops.
+
+    ``x_s - mean = std_s z``, so ``log N(x_s | mean, std_lp^2) = -(std_s/std_lp)^2 z^2/2 - log std_lp - log sqrt(2 pi)``.
+    """
+    at, st, as_, ss = g.alpha[k], g.sigma[k], g.alpha[k + 1], g.sigma[k + 1]
+    std = ddim_std(at, st, as_, ss, eta)
+    A, B = ddim_coefficients(*g.coef[k], as_, ss, std)
+    mean = model(x, g.t[k], cond).mul(B).add_(x, alpha=A)
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if noise_clip is not None:
+        z = z.clamp(-noise_clip, noise_clip)
+    std_s, std_lp = max(std, min_std), max(std, min_logprob_std)
+    x_next = mean + std_s * z
+    lp = None
+    if reduction is not None:
+        if std_lp <= 0:
+            gaussian_log_prob(x_next, mean, torch.zeros(()), reduction)  # raises the documented error
+        sq = z.square().flatten(1)
+        sq = sq.mean(1) if reduction == "mean" else sq.sum(1)
+        n = 1 if reduction == "mean" else z[0].numel()
+        lp = sq.mul_(-0.5 * (std_s / std_lp) ** 2).sub_(n * (math.log(std_lp) + _LOG_SQRT_2PI))
+    return mean, torch.full_like(x, std), x_next, lp
 
 
 def set_reward(td: TensorDict, reward: Tensor) -> TensorDict:

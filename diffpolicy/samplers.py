@@ -42,7 +42,7 @@ from .parameterization import kind_coefficients, sde_coefficients
 from .schedules import DiscreteVP, TrigFlow
 
 __all__ = [
-    "SAMPLERS", "sample", "run_sampler", "prior", "consistency_timesteps", "ddim_std", "ddim_coefficients",
+    "SAMPLERS", "sample", "run_sampler", "prior", "consistency_timesteps", "prepare_grid", "ddim_std", "ddim_coefficients",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_sde", "sample_dpmpp_2m",
     "sample_langevin", "sample_rf_euler", "sample_consistency", "sample_lcm", "sample_trigflow",
 ]
@@ -99,7 +99,8 @@ _GRIDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _GRIDS_PER_SCHEDULE = 32
 
 
-def _prepare(denoiser: DenoiserBase, x: Tensor, ts, cond) -> _Grid:
+def prepare_grid(denoiser: DenoiserBase, x: Tensor, ts, cond=None) -> _Grid:
+    """Per-step float64 coefficients of ``ts`` for ``denoiser`` and batch ``x`` (cached per schedule)."""
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor [B, ...] of initial noise")
     if isinstance(cond, Tensor) and cond.shape[0] != x.shape[0]:
@@ -166,7 +167,7 @@ def sample_ddim(denoiser, x, ts, *, cond=None, eta: float = 0.0, noise=None, gen
     ``eta = 0`` is deterministic; ``eta = 1`` is DDPM ancestral sampling. Works on any
     subsequence ``ts`` of any schedule.
     """
-    g = _prepare(denoiser, x, ts, cond)
+    g = prepare_grid(denoiser, x, ts, cond)
     z = _noise(noise, generator, x, g.n)
     steps = g.memo.get(("ddim", eta, _variance))
     if steps is None:
@@ -219,7 +220,7 @@ def sample_euler(denoiser, x, ts, *, cond=None, callback=None):
 
     The velocity is the unified one of handbook §2.7 (for rectified flow ``eps - x0``).
     """
-    g = _prepare(denoiser, x, ts, cond)
+    g = prepare_grid(denoiser, x, ts, cond)
     for i in range(g.n):
         h = g.ts[i + 1] - g.ts[i]
         U1, U2 = _velocity_coefficients(g, i)
@@ -234,7 +235,7 @@ def sample_heun(denoiser, x, ts, *, cond=None, callback=None):
 
     The last step into ``sigma = 0`` is a plain Euler step, as in EDM.
     """
-    g = _prepare(denoiser, x, ts, cond)
+    g = prepare_grid(denoiser, x, ts, cond)
     for i in range(g.n):
         h = g.ts[i + 1] - g.ts[i]
         U1, U2 = _velocity_coefficients(g, i)
@@ -258,7 +259,7 @@ def sample_sde(denoiser, x, ts, *, cond=None, noise=None, generator=None, callba
     ``f, g`` come from ``parameterization.sde_coefficients``. The step into ``sigma = 0`` returns
     the denoised ``x0_hat`` (Tweedie), as Song et al. do.
     """
-    g = _prepare(denoiser, x, ts, cond)
+    g = prepare_grid(denoiser, x, ts, cond)
     z = _noise(noise, generator, x, g.n)
     f_g2 = torch.stack(sde_coefficients(*(torch.tensor(v[:-1], dtype=torch.float64) for v in
                                           (g.alpha, g.sigma, g.d_alpha, g.d_sigma))), -1)
@@ -285,7 +286,7 @@ def sample_dpmpp_2m(denoiser, x, ts, *, cond=None, callback=None):
     ``D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}``, ``r = h_{i-1}/h_i``, ``h = lambda_s - lambda_t``,
     ``lambda = log(alpha/sigma)``.
     """
-    g = _prepare(denoiser, x, ts, cond)
+    g = prepare_grid(denoiser, x, ts, cond)
     lam = [math.log(a / s) if a > 0 and s > 0 else (math.inf if s == 0 else -math.inf)
            for a, s in zip(g.alpha, g.sigma)]
     x0_prev, h_prev = None, None
@@ -313,7 +314,7 @@ def sample_langevin(denoiser, x, ts, *, cond=None, n_steps_each: int = 10, step_
     ``a_i = step_lr * sigma_i^2 / sigma_last^2``. With ``denoise`` the result is the Tweedie
     ``x0_hat`` at the last level (Jolicoeur-Martineau et al. 2021).
     """
-    g = _prepare(denoiser, x, ts, cond)
+    g = prepare_grid(denoiser, x, ts, cond)
     z = _noise(noise, generator, x, g.n * n_steps_each)
     s_last = g.sigma[g.n - 1]
     p = None
@@ -345,7 +346,7 @@ def sample_rf_euler(denoiser, x, ts, *, cond=None, form: str = "velocity", callb
     """
     if form not in RF_FORMS:
         raise ValueError(f"unknown form {form!r}; valid: {', '.join(RF_FORMS)}")
-    g = _prepare(denoiser, x, ts, cond)
+    g = prepare_grid(denoiser, x, ts, cond)
     if form == "eps" and any(g.alpha[i] == 0 for i in range(g.n)):
         raise ValueError("the eps form divides by 1 - r, which is 0 where alpha = 0 (t = "
                          f"{g.ts[0]}): use form='velocity' or 'x0', or start the grid below that time")
@@ -375,7 +376,7 @@ def sample_consistency(denoiser, x, ts, *, cond=None, noise=None, generator=None
     parameterisation ``f`` is the denoiser's ``x0`` prediction. Build ``ts`` with
     :func:`consistency_timesteps`, so that no evaluation lands on ``sigma_min``.
     """
-    g = _prepare(denoiser, x, ts, cond)
+    g = prepare_grid(denoiser, x, ts, cond)
     z = _noise(noise, generator, x, g.n)
     x0 = None
     for i in range(g.n):
