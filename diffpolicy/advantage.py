@@ -12,7 +12,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-__all__ = ["env_gae", "spread_over_chain", "PerContextStandardizer", "reward_weights"]
+__all__ = ["env_gae", "spread_over_chain", "chain_advantage", "PerContextStandardizer", "reward_weights"]
 
 
 def env_gae(td: TensorDictBase, critic, *, gamma: float = 0.99, lmbda: float = 0.95) -> TensorDictBase:
@@ -40,6 +40,20 @@ def spread_over_chain(advantage: Tensor, num_steps: int, denoising_discount: flo
         advantage = advantage.squeeze(-1)
     k = torch.arange(num_steps, device=advantage.device, dtype=advantage.dtype)
     return advantage.unsqueeze(-1) * denoising_discount ** (num_steps - 1 - k)
+
+
+def chain_advantage(td: TensorDictBase, critic, *, gamma: float = 0.99, lmbda: float = 0.95,
+                    denoising_discount: float = 0.99, chain_key: str = "chain") -> TensorDictBase:
+    """DPPO's two-layer MDP: GAE over environment steps, spread over each step's denoising chain.
+
+    ``td [..., T]`` is an environment rollout whose ``td[chain_key]`` is the nested chain
+    ``[..., T, K]`` that produced each action. Writes ``advantage [..., T, 1]`` and
+    ``value_target`` (environment level) and ``(chain_key, "advantage") [..., T, K]``.
+    """
+    env_gae(td, critic, gamma=gamma, lmbda=lmbda)
+    K = td.get(chain_key).batch_size[-1]
+    td.set((chain_key, "advantage"), spread_over_chain(td.get("advantage"), K, denoising_discount))
+    return td
 
 
 class PerContextStandardizer:

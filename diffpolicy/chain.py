@@ -113,7 +113,7 @@ def _expand_cond(cond, B: int, K: int):
 
 def rollout(denoiser: DenoiserBase, x: Tensor, ts, cond=None, *, eta: float = 1.0, min_std: float = 0.0,
             min_logprob_std: float = 0.0, noise_clip: float | None = None, clip_x0: float | None = None,
-            reduction: str = "mean", train_steps: int | None = None, frozen: DenoiserBase | None = None,
+            reduction: str | None = "mean", train_steps: int | None = None, frozen: DenoiserBase | None = None,
             grad: bool = False, generator: torch.Generator | None = None) -> TensorDict:
     """Run ``B`` chains over the grid ``ts`` (``K + 1`` times) into a TensorDict ``[B, K]``.
 
@@ -133,8 +133,8 @@ def rollout(denoiser: DenoiserBase, x: Tensor, ts, cond=None, *, eta: float = 1.
     if not 0 <= train_steps <= K:
         raise ValueError(f"train_steps must be in [0, {K}], got {train_steps}")
     cond_k = _expand_cond(cond, B, K)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)} (or None: no log-probs)")
     g = prepare_grid(denoiser, x, ts, cond)
     xs, means, stds, lps = [], [], [], []
     for k in range(K):
@@ -158,12 +158,14 @@ def rollout(denoiser: DenoiserBase, x: Tensor, ts, cond=None, *, eta: float = 1.
     done[:, -1] = True
     td = TensorDict({
         "x": x_all[:, :-1], "t": ts[:-1].to(x.device, tdtype).expand(B, K), "s": ts[1:].to(x.device, tdtype).expand(B, K),
-        "mean": stack(means), "std": stack(stds), "log_prob": stack(lps),
+        "mean": stack(means), "std": stack(stds),
         "next": {"x": x_all[:, 1:], "reward": torch.zeros(B, K, 1, dtype=x.dtype, device=x.device),
                  "done": done, "terminated": done.clone()},
     }, batch_size=[B, K])
     if cond_k is not None:
         td["cond"] = cond_k
+    if reduction is not None:
+        td["log_prob"] = stack(lps)
     return td
 
 

@@ -14,11 +14,12 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
 
-from .chain import REDUCTIONS, rescore
+from .chain import REDUCTIONS, rescore, rollout
 from .denoiser import DenoiserBase
 from .losses import diffusion_loss
 
-__all__ = ["ChainPPOLoss", "ChainScoreFunctionLoss", "RewardWeightedLoss", "QScoreMatchingLoss"]
+__all__ = ["ChainPPOLoss", "ChainScoreFunctionLoss", "RewardWeightedLoss", "QScoreMatchingLoss",
+           "DiffusionQLActorLoss"]
 
 
 class _ChainLoss(LossModule):
@@ -174,3 +175,43 @@ class QScoreMatchingLoss(LossModule):
         _, eps = self.denoiser.x0_eps(a_t, t, cond)
         loss = ((-eps - self.q_coeff * grad_q.detach()) ** 2).flatten(1).sum(1).mean()
         return TensorDict({"loss_qsm": loss}, batch_size=[])
+
+
+class DiffusionQLActorLoss(LossModule):
+    """Diffusion-QL's actor objective (Wang et al. 2023 eq. 3): ``L_bc - eta Q(s, a_theta) / E|Q|``.
+
+    ``a_theta`` is drawn by the reverse chain (``steps`` DDPM steps) *with* gradients, so the Q
+    term backpropagates through every denoising step; the Q term is normalised by the batch's
+    mean ``|Q|`` (detached), as in the paper's code. ``critic(obs, action) -> Q [B]`` (e.g. the
+    min or one head of twin critics). Writes ``loss_bc``, ``loss_q`` and ``loss_actor``.
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Keys: ``sample`` (dataset actions) and ``cond`` (observations)."""
+
+        sample: NestedKey = "action"
+        cond: NestedKey = "observation"
+
+    default_keys = _AcceptedKeys
+
+    def __init__(self, denoiser: DenoiserBase, critic: Callable, *, eta: float = 1.0, steps: int = 5,
+                 action_clip: float | None = 1.0, grid: dict | None = None):
+        super().__init__()
+        self.denoiser, self.critic, self.eta, self.action_clip = denoiser, critic, eta, action_clip
+        self.ts = denoiser.schedule.timesteps(steps, **(grid or {}))
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        pass
+
+    def forward(self, td: TensorDictBase) -> TensorDict:
+        a, obs = td.get(self.tensor_keys.sample), td.get(self.tensor_keys.cond)
+        bc = diffusion_loss(self.denoiser, a, obs).mean()
+        x = self.denoiser.schedule.prior_std() * torch.randn_like(a)
+        chain = rollout(self.denoiser, x, self.ts, obs, grad=True, reduction=None)
+        a_new = chain["next", "x"][:, -1]
+        if self.action_clip is not None:
+            a_new = a_new.clamp(-self.action_clip, self.action_clip)
+        q = self.critic(obs, a_new).reshape(-1)
+        q_loss = -q.mean() / q.abs().mean().detach().clamp_min(1e-8)
+        return TensorDict({"loss_bc": bc, "loss_q": q_loss, "loss_actor": bc + self.eta * q_loss}, batch_size=[])
