@@ -22,7 +22,6 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from .denoiser import DenoiserBase, expand_like
-from .parameterization import kind_coefficients
 from .samplers import ddim_coefficients, ddim_std, prepare_grid
 
 __all__ = ["StepOutput", "step_distribution", "denoise_step", "gaussian_log_prob", "rollout", "rescore",
@@ -55,15 +54,10 @@ def step_distribution(denoiser: DenoiserBase, x: Tensor, t: Tensor, s: Tensor, c
     sched = denoiser.schedule
     at, st = (expand_like(v, x) for v in sched.alpha_sigma(t))
     as_, ss = (expand_like(v, x) for v in sched.alpha_sigma(s))
-    da, ds = (expand_like(v, x) for v in sched.derivatives(t))
-    a, b, c, d = kind_coefficients(denoiser.prediction, at, st, da, ds, sched.sigma_data)
-    pred = denoiser(x, t, cond)
-    x0 = a * x + b * pred
+    x0, eps = denoiser.x0_eps(x, t, cond)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
         eps = (x - at * x0) / st
-    else:
-        eps = c * x + d * pred
     std = ddim_std(at, st, as_, ss, eta).expand_as(x)
     return as_ * x0 + (ss**2 - std**2).clamp_min(0).sqrt() * eps, std
 

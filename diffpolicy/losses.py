@@ -16,7 +16,6 @@ from torchrl.objectives import LossModule
 
 from .denoiser import CFGDenoiser, DenoiserBase, expand_like
 from .parameterization import from_x0_eps, kind_coefficients
-from .samplers import ddim_coefficients
 from .schedules import VE, RectifiedFlow, TrigFlow, karras_sigmas
 
 __all__ = [
@@ -226,14 +225,10 @@ def consistency_distillation_loss(model: DenoiserBase, teacher: DenoiserBase, x0
 
 
 def _ddim_step(denoiser: DenoiserBase, x: Tensor, t: Tensor, s: Tensor, cond) -> Tensor:
-    """One deterministic DDIM step ``t -> s`` (per-sample times) of any denoiser."""
-    sched = denoiser.schedule
-    at, st = (expand_like(v, x) for v in sched.alpha_sigma(t))
-    as_, ss = (expand_like(v, x) for v in sched.alpha_sigma(s))
-    dat, dst = (expand_like(v, x) for v in sched.derivatives(t))
-    coef = kind_coefficients(denoiser.prediction, at, st, dat, dst, sched.sigma_data)
-    A, B = ddim_coefficients(*coef, as_, ss, torch.zeros_like(ss))
-    return A * x + B * denoiser(x, t, cond)
+    """One deterministic DDIM step ``t -> s`` (per-sample times): ``alpha_s x0_hat + sigma_s eps_hat``."""
+    x0, eps = denoiser.x0_eps(x, t, cond)
+    alpha_s, sigma_s = (expand_like(v, x) for v in denoiser.schedule.alpha_sigma(s))
+    return alpha_s * x0 + sigma_s * eps
 
 
 # ----------------------------------------------------------------------------------------
