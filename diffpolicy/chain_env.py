@@ -96,18 +96,26 @@ class _StepDistribution(torch.nn.Module):
 
     def forward(self, x, t, s, cond=None):
         mean, std = step_distribution(self.denoiser, x, t, s, cond, eta=self.eta)
-        return mean, std, std.clamp_min(self.min_std)
+        scale = std.clamp_min(self.min_std)
+        if bool((scale <= 0).any()):
+            raise ValueError("a step with std 0 (DDIM eta=0, or the step into sigma=0) has no distribution "
+                             "to sample or score: use eta > 0, a grid that ends above sigma=0, or min_std > 0")
+        return mean, std, scale
 
 
-def chain_actor(denoiser: DenoiserBase, *, eta: float = 1.0, min_std: float = 0.0, conditional: bool = False):
+def chain_actor(denoiser: DenoiserBase, *, eta: float = 1.0, min_std: float = 0.0, conditional: bool = False,
+                event_dims: int = 1):
     """A TorchRL ``ProbabilisticActor`` taking the step ``N(mean, max(std, min_std)^2)``.
 
-    Writes ``mean``, ``std`` (unfloored), ``scale`` (floored), ``action`` and ``action_log_prob``
-    (summed over the event's last dimension, TorchRL's ``IndependentNormal``). Samples by
-    default (``ExplorationType.RANDOM``); deterministic evaluation takes the mean.
+    Writes ``mean``, ``std`` (unfloored), ``scale`` (floored), ``action`` and ``action_log_prob``.
+    The log-prob is **summed** over the last ``event_dims`` dimensions (``len(event_shape)``;
+    TorchRL's ``IndependentNormal``), i.e. ``reduction="sum"`` of the fused path. Samples by
+    default (``ExplorationType.RANDOM``); deterministic evaluation takes the mean. A step whose
+    floored std is 0 raises a ``ValueError`` rather than producing NaNs.
     """
     in_keys = ["x", "t", "s"] + (["cond"] if conditional else [])
     module = TensorDictModule(_StepDistribution(denoiser, eta, min_std), in_keys=in_keys,
                               out_keys=["mean", "std", "scale"])
     return ProbabilisticActor(module, in_keys={"loc": "mean", "scale": "scale"}, distribution_class=IndependentNormal,
-                              return_log_prob=True, default_interaction_type=ExplorationType.RANDOM)
+                              distribution_kwargs={"event_dim": event_dims}, return_log_prob=True,
+                              default_interaction_type=ExplorationType.RANDOM)

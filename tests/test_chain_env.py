@@ -12,24 +12,39 @@ from diffpolicy.nets import MLPDenoiser
 B, K = 6, 4
 
 
-def _setup():
+class _FlatMLP(torch.nn.Module):
+    """An MLP denoiser on samples of any event shape (flattened)."""
+
+    def __init__(self, event_shape):
+        super().__init__()
+        self.event_shape = tuple(event_shape)
+        self.mlp = MLPDenoiser(int(torch.Size(event_shape).numel()), obs_dim=3, hidden=32, depth=2, time_dim=8)
+
+    def forward(self, x, t, cond):
+        return self.mlp(x.flatten(1), t, cond).view(x.shape)
+
+
+def _setup(event_shape=(2,), schedule=None):
     torch.manual_seed(0)
-    den = Denoiser(MLPDenoiser(2, obs_dim=3, hidden=32, depth=2, time_dim=8), S.DiscreteVP(100), "eps")
+    den = Denoiser(_FlatMLP(event_shape), schedule or S.DiscreteVP(100), "eps")
     ts = den.schedule.timesteps(K)
     cond = torch.randn(B, 3)
-    reward = lambda x, c: -(x**2).sum(-1)
-    env = DenoisingChainEnv(den.schedule, ts, (2,), B, reward_fn=reward, cond_fn=lambda n: cond, cond_shape=(3,))
+    reward = lambda x, c: -(x**2).flatten(1).sum(-1)
+    env = DenoisingChainEnv(den.schedule, ts, event_shape, B, reward_fn=reward, cond_fn=lambda n: cond,
+                            cond_shape=(3,))
     return den, ts, cond, env, reward
 
 
-def test_env_rollout_equals_fused_rollout():
-    den, ts, cond, env, reward = _setup()
-    actor = chain_actor(den, eta=1.0, min_std=0.05, conditional=True)
+@pytest.mark.parametrize("event_shape", [(2,), (4, 3)])
+def test_env_rollout_equals_fused_rollout(event_shape):
+    den, ts, cond, env, reward = _setup(event_shape)
+    actor = chain_actor(den, eta=1.0, min_std=0.05, conditional=True, event_dims=len(event_shape))
     torch.manual_seed(7)
     with torch.no_grad():
         td_env = env.rollout(K, actor)
+    assert td_env["action_log_prob"].shape == (B, K)
     torch.manual_seed(7)
-    x = env.schedule.prior_std() * torch.randn(B, 2)
+    x = env.schedule.prior_std() * torch.randn((B,) + tuple(event_shape))
     with torch.no_grad():
         td = rollout(den, x, ts, cond, eta=1.0, min_std=0.05, min_logprob_std=0.05, reduction="sum")
     set_reward(td, reward(td["next", "x"][:, -1], cond))
@@ -66,3 +81,15 @@ def test_env_errors():
     den, ts, cond, env, _ = _setup()
     with pytest.raises(ValueError, match="1-D grid"):
         DenoisingChainEnv(den.schedule, ts[:1], (2,), B)
+
+
+def test_deterministic_step_on_the_env_path_raises_instead_of_nan():
+    den, ts, cond, env, _ = _setup()
+    with pytest.raises(ValueError, match="std 0"):
+        env.rollout(K, chain_actor(den, eta=0.0, conditional=True))
+    # eta > 0 but a grid whose last step lands on sigma = 0 (alpha = 1): same clear error.
+    den, ts, cond, env, _ = _setup(schedule=S.DiscreteVP(100, final_alpha_one=True))
+    assert float(den.schedule.alpha_sigma(torch.as_tensor(ts[-1:]))[1]) == 0.0
+    with pytest.raises(ValueError, match="std 0"):
+        env.rollout(K, chain_actor(den, eta=1.0, conditional=True))
+    env.rollout(K, chain_actor(den, eta=1.0, min_std=0.1, conditional=True))  # a floor makes it defined
