@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,3 +8,32 @@ import torch
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def offline_home(tmp_path_factory):
+    """Private Minari and diffpolicy cache directories for the whole test session."""
+    root = tmp_path_factory.mktemp("offline")
+    old = {k: os.environ.get(k) for k in ("MINARI_DATASETS_PATH", "DIFFPOLICY_HOME")}
+    os.environ["MINARI_DATASETS_PATH"] = str(root / "minari")
+    os.environ["DIFFPOLICY_HOME"] = str(root / "home")
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def pendulum_data(offline_home):
+    """A tiny Pendulum-v1 'medium' dataset (2000 transitions) made through the real pipeline.
+
+    The behaviour run is only 1000 SB3 steps (all in SAC's random warm-up), so it is fast; the
+    reference scores come from 2 episodes.
+    """
+    from diffpolicy.envs.datasets import OfflineData, make_dataset
+
+    ds = make_dataset("Pendulum-v1", "medium", n_transitions=2000, behaviour_steps=1000, behaviour_eval_every=500,
+                      ref_episodes=2, progress=False)
+    return OfflineData.from_minari(ds)

@@ -1,0 +1,89 @@
+"""Diffusion-QL (Wang, Hunt & Zhou, ICLR 2023): diffusion BC plus Q maximisation through the chain.
+
+Actor loss (eq. 3): ``L_bc - eta * Q(s, a_theta) / E|Q|`` where ``a_theta`` is drawn by the
+5-step reverse chain *with gradients* (:class:`diffpolicy.chain_losses.DiffusionQLActorLoss`);
+the Q head (``Q_1`` or ``Q_2``) is chosen at random each step, as in the paper's code, and
+normalised by its own batch mean ``|Q|`` (detached; the code divides by the other head's). Critic: twin Q networks (3x256 Mish) with
+clipped double-Q targets whose next action comes from the EMA actor, soft target updates
+(tau 0.005). Evaluation draws ``candidates`` actions per state from the actor and picks
+one with probability ``softmax(min(Q'_1, Q'_2))`` over the candidates (the paper's code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+from torch import Tensor
+
+from diffpolicy.chain_losses import DiffusionQLActorLoss
+
+from .critics import TwinQ, clipped_double_q_loss, soft_update
+from .diffusion_bc import DiffusionBC, DiffusionBCConfig
+
+__all__ = ["DiffusionQL", "DiffusionQLConfig", "select_by_q"]
+
+
+@dataclasses.dataclass
+class DiffusionQLConfig(DiffusionBCConfig):
+    eta: float = 1.0
+    tau: float = 0.005
+    critic_hidden: int = 256
+    critic_depth: int = 3
+    candidates: int = 50
+    grad_clip: float | None = 5.0
+
+
+def select_by_q(obs: Tensor, sampler, q_fn, candidates: int, greedy: bool = False) -> Tensor:
+    """Draw ``candidates`` actions per state with ``sampler(obs_rep)`` and pick one per state by
+    ``softmax(Q)`` (or ``argmax`` when ``greedy``). Returns ``[N, act_dim]``."""
+    n = obs.shape[0]
+    obs_rep = obs.repeat_interleave(candidates, 0)
+    acts = sampler(obs_rep)
+    q = q_fn(obs_rep, acts).reshape(n, candidates)
+    idx = q.argmax(1) if greedy else torch.multinomial(torch.softmax(q, 1), 1).squeeze(1)
+    return acts.reshape(n, candidates, -1)[torch.arange(n), idx]
+
+
+class DiffusionQL(DiffusionBC):
+    name = "diffusion_ql"
+    config_class = DiffusionQLConfig
+
+    def __init__(self, obs_dim: int, act_dim: int, config: DiffusionQLConfig | None = None, **overrides):
+        super().__init__(obs_dim, act_dim, config, **overrides)
+        c = self.config
+        self.critic = TwinQ(obs_dim, act_dim, c.critic_hidden, c.critic_depth)
+        self.critic_target = self.critic.make_target()
+        self.add_optimizer("critic", self.critic.parameters())
+        self._head = 0
+        self.actor_loss = DiffusionQLActorLoss(self.actor, self._q_head, eta=c.eta, steps=c.diffusion_steps)
+
+    def _q_head(self, obs: Tensor, action: Tensor) -> Tensor:
+        q1, q2 = self.critic(obs, action)
+        return q1 if self._head == 0 else q2
+
+    def update(self, batch) -> dict[str, Tensor]:
+        c = self.config
+        # Critic: clipped double-Q with the EMA actor's next action.
+        with torch.no_grad():
+            next_action = self.sample_actions(batch["next", "observation"], ema=True)
+        critic_loss = clipped_double_q_loss(self.critic, self.critic_target, batch, next_action, c.gamma)
+        self.step("critic", critic_loss)
+        # Actor: BC + normalised Q through the chain (critic frozen for this step).
+        self._head = random.randint(0, 1)
+        self.critic.requires_grad_(False)
+        try:
+            out = self.actor_loss(batch)
+        finally:
+            self.critic.requires_grad_(True)
+        self.step("actor", out["loss_actor"])
+        self.update_ema()
+        soft_update(self.critic_target, self.critic, c.tau)
+        return {"loss_critic": critic_loss.detach(), "loss_bc": out["loss_bc"].detach(),
+                "loss_q": out["loss_q"].detach()}
+
+    @torch.no_grad()
+    def act(self, obs: Tensor) -> Tensor:
+        return select_by_q(obs, lambda o: self.sample_actions(o, ema=False), self.critic_target.q_min,
+                           self.config.candidates)

@@ -1,0 +1,87 @@
+"""IDQL (Hansen-Estruch et al. 2023): an IQL critic and a diffusion behaviour policy, combined at acting time.
+
+* Critic: IQL (Kostrikov et al. 2022) through TorchRL's ``IQLLoss`` (value and twin-Q terms only,
+  :func:`diffpolicy.agents.iql.make_iql_critic_loss`), expectile ``tau = 0.7``, soft target
+  updates; trained independently of the actor.
+* Actor: diffusion BC of the behaviour policy ``mu(a | s)`` (:class:`~diffpolicy.agents.diffusion_bc.DiffusionBC`);
+  IDQL's LN-ResNet denoiser (3 residual blocks of width 256 with LayerNorm), 5 VP steps.
+* Acting: draw ``candidates`` actions from ``mu`` and resample one with probability proportional
+  to the expectile critic's implicit-policy weight (IDQL sec. 4.1)
+  ``w(s, a) = |tau - 1(Q(s, a) < V(s))| / |Q(s, a) - V(s)|``, or take ``argmax Q``
+  (``selection="argmax"``, IDQL's greedy variant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor
+from torchrl.objectives import SoftUpdate
+
+from .diffusion_bc import DiffusionBC, DiffusionBCConfig
+from .iql import make_iql_critic_loss, q_and_v
+
+__all__ = ["IDQL", "IDQLConfig", "expectile_weights"]
+
+SELECTIONS = ("expectile", "argmax")
+
+
+def expectile_weights(q: Tensor, v: Tensor, expectile: float, eps: float = 1e-6) -> Tensor:
+    """IDQL sec. 4.1: ``|tau - 1(Q < V)| / |Q - V|`` (the implicit policy of an expectile critic)."""
+    adv = q - v
+    return (expectile - (adv < 0).to(q.dtype)).abs() / adv.abs().clamp_min(eps)
+
+
+@dataclasses.dataclass
+class IDQLConfig(DiffusionBCConfig):
+    residual: bool = True
+    layer_norm: bool = True
+    expectile: float = 0.7
+    tau: float = 0.005
+    critic_hidden: int = 256
+    critic_depth: int = 2
+    candidates: int = 64
+    selection: str = "expectile"
+
+
+class IDQL(DiffusionBC):
+    name = "idql"
+    config_class = IDQLConfig
+
+    def __init__(self, obs_dim: int, act_dim: int, config: IDQLConfig | None = None, **overrides):
+        super().__init__(obs_dim, act_dim, config, **overrides)
+        c = self.config
+        if c.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {c.selection!r}; valid: {', '.join(SELECTIONS)}")
+        self.critic_loss, _, _ = make_iql_critic_loss(obs_dim, act_dim, c.expectile, gamma=c.gamma,
+                                                      hidden=c.critic_hidden, depth=c.critic_depth)
+        self.target_updater = SoftUpdate(self.critic_loss, tau=c.tau)
+        self.add_optimizer("value", self.critic_loss.value_network_params.parameters())
+        self.add_optimizer("critic", self.critic_loss.qvalue_network_params.parameters())
+
+    def update(self, batch) -> dict[str, Tensor]:
+        td = TensorDict({"observation": batch["observation"], "action": batch["action"],
+                         "next": batch["next"].select("observation", "reward", "done", "terminated")},
+                        batch_size=batch.batch_size)
+        loss_v, _ = self.critic_loss.value_loss(td)
+        self.step("value", loss_v)
+        loss_q, _ = self.critic_loss.qvalue_loss(td)
+        self.step("critic", loss_q)
+        self.target_updater.step()
+        out = super().update(batch)
+        return {"loss_value": loss_v.detach(), "loss_qvalue": loss_q.detach(), **out}
+
+    @torch.no_grad()
+    def act(self, obs: Tensor) -> Tensor:
+        n, k = obs.shape[0], self.config.candidates
+        obs_rep = obs.repeat_interleave(k, 0)
+        acts = self.sample_actions(obs_rep)
+        q, v = q_and_v(self.critic_loss, obs_rep, acts)
+        q, v = q.reshape(n, k), v.reshape(n, k)
+        if self.config.selection == "argmax":
+            idx = q.argmax(1)
+        else:
+            idx = torch.multinomial(expectile_weights(q, v, self.config.expectile), 1).squeeze(1)
+        return acts.reshape(n, k, -1)[torch.arange(n), idx]

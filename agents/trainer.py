@@ -1,0 +1,204 @@
+"""The one offline training loop every agent shares, and its run directory.
+
+``train_offline(agent, data, config, run_dir=...)``: checks the dataset against the env,
+samples batches from a TorchRL replay buffer, calls ``agent.update``, evaluates every
+``eval_every`` steps with :func:`diffpolicy.envs.evaluate` (fixed seeds, normalised score),
+logs to CSV and TensorBoard, checkpoints atomically and resumes from the last checkpoint.
+A non-finite loss stops the run with the step and the loss term named; the last good
+checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import time
+
+import numpy as np
+import torch
+
+from .base import OfflineAgent
+
+__all__ = ["TrainConfig", "train_offline", "evaluate_agent", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or inf."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100_000
+    batch_size: int = 256
+    eval_every: int = 10_000
+    eval_episodes: int = 10
+    eval_seed: int = 1_000_000
+    seed: int = 0
+    log_every: int = 1_000
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    """RNG states as tensors and plain Python values, so checkpoints load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached], "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def _atomic_save(obj, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate_agent(agent: OfflineAgent, data, env_id: str | None = None, *, episodes: int = 10, seed: int = 0):
+    """Evaluate ``agent.act`` on ``episodes`` episodes (fixed seeds); returns an ``EvalResult`` with scores."""
+    from diffpolicy.envs.factory import evaluate
+
+    was_training = agent.training
+    agent.eval()
+    try:
+        score_fn = data.normalized_score if data.ref_min_score is not None else None
+        return evaluate(agent.act, env_id or data.env_id, episodes=episodes, seed=seed, obs_loc=data.obs_mean,
+                        obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset)
+    finally:
+        agent.train(was_training)
+
+
+class _Logger:
+    """CSV files (``train.csv``, ``eval.csv``) and TensorBoard events in the run directory."""
+
+    def __init__(self, run_dir: pathlib.Path | None):
+        self.run_dir, self.tb = run_dir, None
+        if run_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.tb = None
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        if self.run_dir is None:
+            return
+        path = self.run_dir / f"{kind}.csv"
+        row = {"step": step, **values}
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, *, env_id: str | None = None,
+                  run_dir: str | os.PathLike | None = None, progress: bool = True, evaluate: bool = True) -> dict:
+    """Train ``agent`` on ``data`` (an :class:`~diffpolicy.envs.datasets.OfflineData`).
+
+    Returns ``{"history": [eval records], "train_seconds": s, "steps": n, "final": last record}``.
+    With ``run_dir`` the run writes ``config.json``, ``train.csv``, ``eval.csv``, TensorBoard
+    events and ``checkpoint.pt`` there, and a second call with the same ``run_dir`` resumes.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or TrainConfig()
+    env_id = env_id or data.env_id
+    if evaluate:
+        if env_id is None:
+            raise ValueError("the dataset names no environment: pass env_id= (or evaluate=False)")
+        data.check_env(env_id)
+    elif env_id is not None:
+        data.check_env(env_id)
+    run_path = pathlib.Path(run_dir) if run_dir is not None else None
+    ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
+    _set_seed(cfg.seed)
+    rb = data.replay_buffer(cfg.batch_size, sequences=agent.sequence_spec)
+    state = {"step": 0, "history": [], "train_seconds": 0.0}
+    if ckpt_path is not None and ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never runs code from the file
+        agent.load_state_dict(saved["agent"])
+        state = saved["state"]
+        _set_rng_state(saved["rng"])
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "config.json").write_text(json.dumps({
+            "agent": agent.name, "agent_config": dataclasses.asdict(agent.config), "train": dataclasses.asdict(cfg),
+            "dataset": data.dataset_id, "env_id": env_id}, indent=1, default=str))
+    logger = _Logger(run_path)
+
+    def checkpoint():
+        if ckpt_path is not None:
+            _atomic_save({"agent": agent.state_dict(), "state": state, "rng": _rng_state()}, ckpt_path)
+
+    def run_eval(step):
+        res = evaluate_agent(agent, data, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed)
+        rec = {"step": step, "return_mean": res.return_mean, "return_std": res.return_std,
+               "score_mean": res.score_mean, "score_std": res.score_std}
+        state["history"].append(rec)
+        logger.write("eval", step, {k: v for k, v in rec.items() if k != "step"})
+        return rec
+
+    sums: dict[str, float] = {}
+    count = 0
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{agent.name}", disable=not progress, unit="step")
+    agent.train()
+    t0 = time.perf_counter()
+    try:
+        while state["step"] < cfg.steps:
+            batch = rb.sample()
+            metrics = agent.update(batch)
+            agent.num_updates += 1
+            state["step"] += 1
+            step = state["step"]
+            for k, v in metrics.items():
+                v = float(v)
+                if not np.isfinite(v):
+                    raise NonFiniteLossError(
+                        f"{agent.name}: {k} is {v} at step {step}; stopped before saving, the last good checkpoint "
+                        f"({ckpt_path if ckpt_path is not None else 'none: no run_dir'}) is kept")
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                means = {k: v / count for k, v in sums.items()}
+                logger.write("train", step, means)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:3]})
+                sums, count = {}, 0
+            bar.update(1)
+            if evaluate and (step % cfg.eval_every == 0 or step == cfg.steps):
+                state["train_seconds"] += time.perf_counter() - t0
+                run_eval(step)
+                checkpoint()
+                t0 = time.perf_counter()
+            elif not evaluate and step == cfg.steps:
+                state["train_seconds"] += time.perf_counter() - t0
+                checkpoint()
+    finally:
+        bar.close()
+        logger.close()
+    final = state["history"][-1] if state["history"] else None
+    return {"history": state["history"], "train_seconds": state["train_seconds"], "steps": state["step"],
+            "final": final}

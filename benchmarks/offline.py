@@ -1,0 +1,276 @@
+"""Offline RL benchmark: every agent on local D4RL-style datasets, D4RL-normalised scores.
+
+For each dataset quality (default: medium, medium-replay, medium-expert of ``--env``, made with
+:func:`diffpolicy.envs.make_dataset` or reused from the local Minari directory), each agent and
+each seed, one run of :func:`diffpolicy.agents.trainer.train_offline` with the same
+gradient-step budget, batch and evaluation protocol. Every run lives in its own directory
+``<runs>/<env>/<quality>/<agent>/seed<k>/`` (checkpoint, CSV/TensorBoard logs; not committed) and,
+when it finishes, writes its result to ``benchmarks/results/offline_runs/<env>/<quality>/<agent>/seed<k>.json``
+(committed); the table is assembled from whatever results exist, so an interrupted sweep
+continues where it stopped (an unfinished run resumes from its checkpoint; ``--assemble`` only
+rebuilds the table).
+
+Reported per (dataset, agent): the normalised score of the final evaluation (mean over
+``--eval-episodes`` episodes, then mean ± std over seeds), training wall time (evaluations
+excluded) and inference latency per action (batch 1, median). Also, measured in this process:
+``throughput_ratio_vs_bare``, diffusion BC's gradient steps per second through the shared loop
+(replay buffer, loss, EMA, logging) against a bare PyTorch loop with the same network and batch.
+
+Usage::
+
+    python benchmarks/offline.py --quick                        # smoke run, Pendulum-v1, minutes
+    python benchmarks/offline.py --steps 100000 --seeds 0 1 2   # the full Hopper-v5 run
+    python benchmarks/offline.py --assemble                     # table from finished runs only
+
+Writes ``--out`` ``.json``, ``.md`` and ``.png`` (learning curves).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_AGENTS = ["gaussian_bc", "diffusion_bc", "td3_bc", "iql", "idql", "diffusion_ql", "consistency_bc",
+                  "consistency_bc_cd", "consistency_ac", "diffusion_policy"]
+DEFAULT_QUALITIES = ["medium-replay", "medium", "medium-expert"]
+
+
+def agent_settings(name: str, steps: int, run_root: Path, quality: str, seed: int, quick: bool) -> dict:
+    """Per-agent settings for this budget (everything else: the agent's paper defaults)."""
+    s: dict = {}
+    if name.startswith("consistency"):
+        s["ct_total_steps"] = steps
+    if name == "consistency_bc_cd":  # distilled from the diffusion BC run of the same data and seed
+        s["teacher_path"] = str(run_root / quality / "diffusion_bc" / f"seed{seed}" / "checkpoint.pt")
+    if name == "diffusion_policy":  # a CPU-sized U-Net and the paper's 10-step DDIM inference
+        s.update(down_dims=(64, 128, 256), time_dim=64, sampler="ddim", inference_steps=10, lr_decay_steps=steps)
+    if quick and name not in ("gaussian_bc", "td3_bc", "iql", "diffusion_policy"):
+        s.update(ema_start=min(100, steps // 4))
+    return s
+
+
+def latency_ms(agent, obs_dim: int, repeats: int = 50) -> float:
+    """Median wall time of ``agent.act`` on one observation (per action; chunking agents amortise)."""
+    agent.eval()
+    obs = torch.zeros(1, obs_dim)
+    agent.reset()
+    for _ in range(5):
+        agent.act(obs)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        agent.act(obs)
+        times.append(time.perf_counter() - t)
+    agent.reset()
+    return 1000 * statistics.median(times)
+
+
+def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root: Path) -> dict:
+    from diffpolicy.agents import make_agent
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+
+    run_dir = run_root / quality / name / f"seed{seed}"
+    result_path = result_root / quality / name / f"seed{seed}.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    torch.manual_seed(seed)
+    agent = make_agent(name, data.obs_dim, data.act_dim,
+                       **agent_settings(name, args.steps, run_root, quality, seed, args.quick))
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, eval_every=args.eval_every,
+                      eval_episodes=args.eval_episodes, seed=seed, log_every=max(1, min(1000, args.steps // 10)))
+    out = train_offline(agent, data, cfg, env_id=env_id, run_dir=run_dir, progress=not args.no_progress)
+    res = {"env": env_id, "dataset": data.dataset_id, "agent": name, "seed": seed, "steps": out["steps"],
+           "score": out["final"]["score_mean"], "return": out["final"]["return_mean"],
+           "train_seconds": out["train_seconds"], "latency_ms": latency_ms(agent, data.obs_dim),
+           "history": out["history"], "batch_size": args.batch, "eval_episodes": args.eval_episodes}
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, result_path)
+    return res
+
+
+def throughput_ratio(data, steps: int = 300, rounds: int = 3) -> dict:
+    """Diffusion BC steps/s through ``train_offline`` against a bare loop, same net and batch, interleaved."""
+    from diffpolicy.agents import make_agent
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+    from diffpolicy.losses import diffusion_loss
+
+    batch = 256
+    agent = make_agent("diffusion_bc", data.obs_dim, data.act_dim)
+    net = make_agent("diffusion_bc", data.obs_dim, data.act_dim).actor  # same architecture, own weights
+    opt = torch.optim.Adam(net.parameters(), lr=3e-4)
+    td = data.transitions()
+    obs, act = td["observation"], td["action"]
+    n = obs.shape[0]
+
+    def bare():
+        t = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(n, (batch,))
+            loss = diffusion_loss(net, act[idx], obs[idx]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return steps / (time.perf_counter() - t)
+
+    def ours():
+        t = time.perf_counter()
+        train_offline(agent, data, TrainConfig(steps=steps, batch_size=batch, log_every=100), evaluate=False,
+                      progress=False)
+        return steps / (time.perf_counter() - t)
+
+    bare(), ours()  # warm-up
+    b, o = [], []
+    for _ in range(rounds):
+        b.append(bare())
+        o.append(ours())
+    return {"ours_steps_per_s": statistics.median(o), "bare_steps_per_s": statistics.median(b),
+            "ratio": statistics.median(o) / statistics.median(b)}
+
+
+def assemble(result_root: Path, env_id: str, qualities, agents) -> dict:
+    results, curves = {}, {}
+    for q in qualities:
+        for name in agents:
+            runs = [json.loads(p.read_text()) for p in sorted((result_root / q / name).glob("seed*.json"))]
+            if not runs:
+                continue
+            scores = [r["score"] for r in runs]
+            results.setdefault(q, {})[name] = {
+                "score_mean": statistics.fmean(scores), "score_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+                "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+                "latency_ms": statistics.fmean(r["latency_ms"] for r in runs),
+                "seeds": [r["seed"] for r in runs], "steps": runs[0]["steps"],
+            }
+            curves.setdefault(q, {})[name] = [[h["step"] for h in runs[0]["history"]],
+                                              [statistics.fmean(r["history"][i]["score_mean"] for r in runs
+                                                                if i < len(r["history"]))
+                                               for i in range(len(runs[0]["history"]))]]
+    return {"env": env_id, "results": results, "curves": curves}
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    res = report["results"]
+    agents = sorted({a for q in res.values() for a in q}, key=lambda a: DEFAULT_AGENTS.index(a)
+                    if a in DEFAULT_AGENTS else 99)
+    lines = [f"# Offline benchmark: {report['env']} (D4RL-normalised score, mean ± std over seeds)", ""]
+    lines.append("| agent | " + " | ".join(res) + " | train s | latency ms/action |")
+    lines.append("|---|" + "---:|" * (len(res) + 2))
+    for a in agents:
+        cells = [f"{res[q][a]['score_mean']:.1f} ± {res[q][a]['score_std']:.1f} ({len(res[q][a]['seeds'])})"
+                 if a in res[q] else "—" for q in res]
+        some = next(res[q][a] for q in res if a in res[q])
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {some['train_seconds']:.0f} | {some['latency_ms']:.2f} |")
+    lines.append("")
+    lines.append("(n) = seeds finished. " + report.get("budget", ""))
+    if "throughput" in report:
+        t = report["throughput"]
+        lines.append(f"\nthroughput_ratio_vs_bare (diffusion BC, batch 256): {report['throughput_ratio_vs_bare']:.3f} "
+                     f"({t['ours_steps_per_s']:.1f} vs {t['bare_steps_per_s']:.1f} steps/s; target >= 0.85)")
+    if "latency_ratio_consistency_vs_diffusion" in report:
+        lines.append(f"consistency_bc / diffusion_bc latency per action: {report['latency_ratio_consistency_vs_diffusion']:.3f}"
+                     " (target <= 0.5)")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        qs = list(report["curves"])
+        if qs:
+            fig, axes = plt.subplots(1, len(qs), figsize=(5 * len(qs), 4), squeeze=False)
+            for ax, q in zip(axes[0], qs):
+                for a, (x, y) in report["curves"][q].items():
+                    ax.plot(x, y, label=a, marker="o", ms=3)
+                ax.set_title(f"{report['env']} {q}")
+                ax.set_xlabel("gradient steps")
+                ax.set_ylabel("normalised score")
+            axes[0][-1].legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out.with_suffix(".png"), dpi=110)
+            plt.close(fig)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--env", default="Hopper-v5")
+    p.add_argument("--qualities", nargs="+", default=DEFAULT_QUALITIES)
+    p.add_argument("--agents", nargs="+", default=DEFAULT_AGENTS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=100_000, help="gradient steps per run")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--eval-every", type=int, default=10_000)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--transitions", type=int, default=200_000, help="size of random/medium/expert/medium-expert data")
+    p.add_argument("--behaviour-steps", type=int, default=150_000, help="SB3 SAC steps of the behaviour run")
+    p.add_argument("--runs", default=None, help="run directories (default benchmarks/runs/offline/<env>)")
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/offline)")
+    p.add_argument("--quick", action="store_true", help="smoke run: Pendulum-v1, tiny budgets, one seed")
+    p.add_argument("--assemble", action="store_true", help="only rebuild the table from finished runs")
+    p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.quick:
+        args.env = "Pendulum-v1" if "--env" not in (argv or sys.argv) else args.env
+        args.seeds, args.steps, args.eval_every, args.eval_episodes = [0], 300, 150, 5
+        args.transitions, args.behaviour_steps = 20_000, 6_000
+        args.qualities = ["medium-replay"] if "--qualities" not in (argv or sys.argv) else args.qualities
+    out = Path(args.out) if args.out else ROOT / "results" / ("offline_quick" if args.quick else "offline")
+    tag = "offline_quick" if args.quick else "offline"
+    run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag / args.env
+    result_root = out.parent / f"{out.name}_runs" / args.env
+
+    from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
+
+    budget = (f"Budget: {args.steps} gradient steps per run, batch {args.batch}, evaluation every {args.eval_every} "
+              f"steps on {args.eval_episodes} episodes; datasets: {args.transitions} transitions (medium-replay: the SB3 "
+              f"SAC replay buffer up to the medium checkpoint of a {args.behaviour_steps}-step run); seeds {args.seeds}.")
+    if not args.assemble:
+        data = {}
+        for q in args.qualities:
+            make_dataset(args.env, q, n_transitions=args.transitions, behaviour_steps=args.behaviour_steps,
+                         behaviour_eval_every=max(1000, args.behaviour_steps // 15), progress=not args.no_progress)
+            data[q] = OfflineData.from_minari(load_dataset(dataset_id(args.env, q), download=False))
+        for seed in args.seeds:
+            for q in args.qualities:
+                for name in args.agents:
+                    t = time.time()
+                    res = run_one(args.env, q, data[q], name, seed, args, run_root, result_root)
+                    print(f"[{q} {name} seed {seed}] score {res['score']:.1f} ({time.time() - t:.0f} s)", flush=True)
+                    write_outputs({**assemble(result_root, args.env, args.qualities, args.agents), "budget": budget}, out)
+    report = {**assemble(result_root, args.env, args.qualities, args.agents), "budget": budget}
+    if not args.assemble and not args.no_throughput:
+        q0 = args.qualities[0]
+        tp = throughput_ratio(OfflineData.from_minari(load_dataset(dataset_id(args.env, q0), download=False)),
+                              steps=100 if args.quick else 300)
+        report["throughput"], report["throughput_ratio_vs_bare"] = tp, tp["ratio"]
+    elif out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        for k in ("throughput", "throughput_ratio_vs_bare"):
+            if k in old:
+                report[k] = old[k]
+    lat = {a: [r["latency_ms"] for q in report["results"].values() for n, r in q.items() if n == a]
+           for a in ("consistency_bc", "diffusion_bc")}
+    if all(lat.values()):
+        report["latency_ratio_consistency_vs_diffusion"] = statistics.fmean(lat["consistency_bc"]) / statistics.fmean(
+            lat["diffusion_bc"])
+    write_outputs(report, out)
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""Minari datasets: making D4RL-style ones locally, loading by id, and feeding them to agents.
+
+* :func:`make_dataset` ``(env_id, quality)`` writes a normal Minari dataset (``minari.load_dataset``
+  opens it) for ``quality`` in ``random / medium / expert / medium-replay / medium-expert``,
+  following D4RL (Fu et al. 2020, sec. 5): *expert* is a fully trained SAC policy, *medium* a
+  policy stopped at about a third of the expert's return, *medium-replay* the replay buffer
+  of training up to that point, *medium-expert* half medium and half expert data, *random* a
+  uniformly random policy. Behaviour policies are stable-baselines3 agents trained here
+  (:mod:`diffpolicy.envs.behaviour`). ``ref_min_score`` / ``ref_max_score`` are the random
+  and expert policies' mean returns over ``ref_episodes`` episodes, stored in the metadata.
+* :func:`load_dataset` opens a dataset from the local Minari directory, downloads it when
+  it is remote and the network allows, and otherwise says what is local and how to make one.
+* :class:`OfflineData` holds a dataset as tensors (normalised observations and actions),
+  checks it for non-finite values, and serves transitions or fixed-length sequences
+  (observation history + action chunk) through TorchRL replay buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+from torch import Tensor
+
+from .behaviour import BehaviourRun, evaluate_sb3, train_behaviour_policy
+
+__all__ = [
+    "QUALITIES", "DatasetNotFoundError", "NonFiniteDataError", "OfflineData", "dataset_id", "load_dataset",
+    "make_dataset", "normalized_score", "check_spaces", "local_datasets",
+]
+
+QUALITIES = ("random", "medium", "expert", "medium-replay", "medium-expert")
+NAMESPACE = "diffpolicy"
+
+
+class DatasetNotFoundError(KeyError):
+    """The dataset id is neither local nor downloadable."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class NonFiniteDataError(ValueError):
+    """The dataset holds NaN or inf values."""
+
+
+def dataset_id(env_id: str, quality: str, version: int = 0) -> str:
+    """Our Minari id for ``(env_id, quality)``: ``diffpolicy/<env>/<quality>-v<k>`` (e.g. ``diffpolicy/hopper/medium-v0``)."""
+    if quality not in QUALITIES:
+        raise ValueError(f"unknown dataset quality {quality!r}; valid: {', '.join(QUALITIES)}")
+    env_name = env_id.split("-v")[0].lower()
+    return f"{NAMESPACE}/{env_name}/{quality}-v{version}"
+
+
+def normalized_score(returns, ref_min_score: float, ref_max_score: float):
+    """D4RL's normalised score ``100 (R - R_random) / (R_expert - R_random)`` (Fu et al. 2020, sec. 6)."""
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min_score) / (ref_max_score - ref_min_score)
+
+
+def local_datasets() -> list[str]:
+    import minari
+
+    return sorted(minari.list_local_datasets())
+
+
+def _how_to_make() -> str:
+    return ("make a local one with diffpolicy.envs.make_dataset('Hopper-v5', 'medium') "
+            f"(qualities: {', '.join(QUALITIES)})")
+
+
+def load_dataset(dataset_id: str, *, download: bool = True):
+    """Open a Minari dataset by id: local first, then (``download``) from Minari's remote.
+
+    Raises :class:`DatasetNotFoundError` listing the local datasets and how to make one when
+    the id is not local and cannot be downloaded (unknown remotely, or no network).
+    """
+    import minari
+
+    local = local_datasets()
+    if dataset_id in local:
+        return minari.load_dataset(dataset_id)
+    reason = "download=False"
+    if download:
+        try:
+            return minari.load_dataset(dataset_id, download=True)
+        except Exception as e:  # network errors come in many types (requests, google-cloud, OSError)
+            reason = f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise DatasetNotFoundError(
+        f"Minari dataset {dataset_id!r} is not in the local Minari directory ({_minari_root()}) and "
+        f"could not be fetched ({reason}). Local datasets: {', '.join(local) if local else 'none'}. "
+        f"To use your own data, {_how_to_make()}."
+    )
+
+
+def _minari_root():
+    from minari.storage import get_dataset_path
+
+    return get_dataset_path()
+
+
+# ---------------------------------------------------------------------------------------
+# Making datasets
+# ---------------------------------------------------------------------------------------
+
+
+def _collect(env_id: str, act: Callable[[np.ndarray], np.ndarray], n_transitions: int, seed: int,
+             n_envs: int = 8, progress: bool = True, desc: str = "") -> list[dict]:
+    """Roll ``act`` (batched, env action units) in ``n_envs`` lockstep envs for ``n_transitions`` steps.
+
+    Returns Minari episode buffers; episodes still running when the budget is reached are
+    closed as truncated (as D4RL does at its size limit).
+    """
+    import gymnasium as gym
+    from tqdm.auto import tqdm
+
+    envs = [gym.make(env_id) for _ in range(n_envs)]
+    obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)])
+    for i, e in enumerate(envs):
+        e.action_space.seed(seed + i)
+    running = [dict(observations=[o], actions=[], rewards=[], terminations=[], truncations=[]) for o in obs]
+    episodes, count, next_seed = [], 0, seed + n_envs
+    bar = tqdm(total=n_transitions, desc=desc or f"collect {env_id}", disable=not progress, unit="step")
+    while count < n_transitions:
+        actions = act(obs)
+        for i, e in enumerate(envs):
+            if count >= n_transitions:
+                break
+            o, r, term, trunc, _ = e.step(actions[i])
+            ep = running[i]
+            ep["actions"].append(actions[i]), ep["rewards"].append(r), ep["observations"].append(o)
+            ep["terminations"].append(term), ep["truncations"].append(trunc)
+            count += 1
+            if term or trunc:
+                episodes.append(ep)
+                o, _ = e.reset(seed=next_seed)
+                next_seed += 1
+                running[i] = dict(observations=[o], actions=[], rewards=[], terminations=[], truncations=[])
+            obs[i] = o
+        bar.update(min(n_envs, n_transitions - bar.n))
+    bar.close()
+    for ep in running:
+        if ep["actions"]:
+            ep["truncations"][-1] = True
+            episodes.append(ep)
+    for e in envs:
+        e.close()
+    return [_as_arrays(ep) for ep in episodes]
+
+
+def _as_arrays(ep: dict) -> dict:
+    return dict(
+        observations=np.asarray(ep["observations"], dtype=np.float32),
+        actions=np.asarray(ep["actions"], dtype=np.float32),
+        rewards=np.asarray(ep["rewards"], dtype=np.float64),
+        terminations=np.asarray(ep["terminations"], dtype=bool),
+        truncations=np.asarray(ep["truncations"], dtype=bool),
+    )
+
+
+def _episodes_from_replay(replay: dict[str, np.ndarray]) -> list[dict]:
+    """Split an SB3 replay buffer (single env, env order) into Minari episode buffers."""
+    done = replay["done"].astype(bool).copy()
+    if len(done):
+        done[-1] = True  # close the running episode at the cut
+    ends = np.flatnonzero(done)
+    episodes, start = [], 0
+    for end in ends:
+        sl = slice(start, end + 1)
+        term = replay["terminated"][sl].astype(bool)
+        episodes.append(dict(
+            observations=np.concatenate([replay["observations"][sl], replay["next_observations"][end:end + 1]]).astype(np.float32),
+            actions=replay["actions"][sl].astype(np.float32),
+            rewards=replay["rewards"][sl].astype(np.float64),
+            terminations=term,
+            truncations=~term & (np.arange(sl.start, sl.stop) == end),
+        ))
+        start = end + 1
+    return episodes
+
+
+def _reference_scores(run: BehaviourRun, episodes: int, seed: int) -> tuple[float, float]:
+    """Random and expert mean returns over ``episodes`` episodes, cached beside the behaviour run."""
+    path = run.directory / f"reference_scores_{episodes}.json"
+    if path.exists():
+        ref = json.loads(path.read_text())
+        return ref["ref_min_score"], ref["ref_max_score"]
+    import gymnasium as gym
+
+    env = gym.make(run.env_id)
+    env.action_space.seed(seed)
+    rand = []
+    for i in range(episodes):
+        env.reset(seed=seed + i)
+        done, total = False, 0.0
+        while not done:
+            _, r, term, trunc, _ = env.step(env.action_space.sample())
+            total, done = total + float(r), term or trunc
+        rand.append(total)
+    expert, _ = evaluate_sb3(run.load_policy(run.best()), run.env_id, episodes, seed=seed)
+    ref = dict(ref_min_score=float(np.mean(rand)), ref_max_score=float(expert), episodes=episodes)
+    path.write_text(json.dumps(ref, indent=1))
+    return ref["ref_min_score"], ref["ref_max_score"]
+
+
+def make_dataset(env_id: str, quality: str, *, n_transitions: int = 1_000_000, seed: int = 0,
+                 behaviour_algo: str = "sac", behaviour_steps: int = 150_000, behaviour_eval_every: int = 10_000,
+                 ref_episodes: int = 50, overwrite: bool = False, progress: bool = True, version: int = 0):
+    """Make (or reuse) the local Minari dataset ``diffpolicy/<env>/<quality>-v<version>``.
+
+    ``n_transitions`` applies to random / medium / expert (D4RL: 1M) and is split half and
+    half for medium-expert; medium-replay holds the behaviour run's replay buffer up to the
+    medium checkpoint. Returns the ``MinariDataset``.
+    """
+    import minari
+
+    did = dataset_id(env_id, quality, version)
+    if did in local_datasets():
+        if not overwrite:
+            return minari.load_dataset(did)
+        minari.delete_dataset(did)
+    run = train_behaviour_policy(env_id, algo=behaviour_algo, total_steps=behaviour_steps,
+                                 eval_every=behaviour_eval_every, seed=seed, progress=progress)
+    ref_min, ref_max = _reference_scores(run, ref_episodes, seed=20_000 + seed)
+
+    def policy_act(checkpoint):
+        model = run.load_policy(checkpoint)
+        return lambda obs: model.predict(obs, deterministic=False)[0]
+
+    if quality == "random":
+        import gymnasium as gym
+
+        space = gym.make(env_id).action_space
+        rng = np.random.default_rng(seed)
+        episodes = _collect(env_id, lambda obs: rng.uniform(space.low, space.high, (len(obs),) + space.shape),
+                            n_transitions, seed, progress=progress, desc=f"{did}")
+        source = "uniformly random actions"
+    elif quality in ("medium", "expert"):
+        ckpt = run.medium() if quality == "medium" else run.best()
+        episodes = _collect(env_id, policy_act(ckpt), n_transitions, seed, progress=progress, desc=did)
+        source = f"SB3 {behaviour_algo.upper()} policy at step {ckpt.step} (eval return {ckpt.return_mean:.1f}), stochastic"
+    elif quality == "medium-replay":
+        med = run.medium()
+        episodes = _episodes_from_replay(run.replay(up_to_step=med.step))
+        source = f"SB3 {behaviour_algo.upper()} replay buffer up to step {med.step} (the medium policy)"
+    else:  # medium-expert
+        med, best = run.medium(), run.best()
+        half = n_transitions // 2
+        episodes = (_collect(env_id, policy_act(med), half, seed, progress=progress, desc=f"{did} (medium half)")
+                    + _collect(env_id, policy_act(best), n_transitions - half, seed + 100_000, progress=progress,
+                               desc=f"{did} (expert half)"))
+        source = f"half SB3 {behaviour_algo.upper()} medium (step {med.step}), half expert (step {best.step})"
+
+    from minari.data_collector import EpisodeBuffer
+
+    buffers = [EpisodeBuffer(observations=ep["observations"], actions=ep["actions"], rewards=ep["rewards"],
+                             terminations=ep["terminations"], truncations=ep["truncations"]) for ep in episodes]
+    import gymnasium as gym
+
+    return minari.create_dataset_from_buffers(
+        dataset_id=did, buffer=buffers, env=gym.make(env_id).spec, algorithm_name=f"diffpolicy {quality}: {source}",
+        author="diffpolicy", code_permalink="https://github.com/diffpolicy/diffpolicy",
+        ref_min_score=ref_min, ref_max_score=ref_max, num_episodes_average_score=ref_episodes,
+        description=(f"D4RL-style {quality} data for {env_id}: {source}. Reference scores: random policy "
+                     f"and the expert (best) SB3 checkpoint, mean return over {ref_episodes} episodes."),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Using datasets
+# ---------------------------------------------------------------------------------------
+
+
+def check_spaces(obs_dim: int, act_dim: int, env_id: str, *, dataset: str = "the dataset") -> None:
+    """Raise a ``ValueError`` naming both shapes when ``env_id``'s spaces differ from the data's."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    env_obs, env_act = env.observation_space.shape, env.action_space.shape
+    env.close()
+    if env_obs != (obs_dim,) or env_act != (act_dim,):
+        raise ValueError(f"{dataset} has observations of shape ({obs_dim},) and actions of shape ({act_dim},), but "
+                         f"{env_id} has observations {env_obs} and actions {env_act}: use the env the data came from")
+
+
+@dataclasses.dataclass
+class OfflineData:
+    """A dataset as flat transition tensors, with normalisation and episode boundaries.
+
+    ``observations`` and ``next_observations`` are raw; :meth:`transitions` normalises them by
+    ``obs_mean`` / ``obs_std`` (dataset statistics). ``actions`` are mapped from the action box to
+    ``[-1, 1]``. ``terminals`` mark true terminations (bootstrapping stops), ``timeouts`` time-limit
+    truncations; ``episode_ids`` number the episodes.
+    """
+
+    observations: Tensor
+    actions: Tensor
+    rewards: Tensor
+    next_observations: Tensor
+    terminals: Tensor
+    timeouts: Tensor
+    episode_ids: Tensor
+    action_low: Tensor
+    action_high: Tensor
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    env_id: str | None = None
+    dataset_id: str | None = None
+
+    def __post_init__(self):
+        self.obs_mean = self.observations.mean(0)
+        self.obs_std = self.observations.std(0) + 1e-3
+
+    # --------------------------------------------------------------- construction
+    @classmethod
+    def from_minari(cls, dataset, *, drop_nonfinite: bool = False) -> "OfflineData":
+        """Flatten a ``MinariDataset`` (or an id, opened with :func:`load_dataset`)."""
+        if isinstance(dataset, str):
+            dataset = load_dataset(dataset)
+        obs, act, rew, nxt, term, trunc, eid = [], [], [], [], [], [], []
+        for k, ep in enumerate(dataset.iterate_episodes()):
+            o = np.asarray(ep.observations, dtype=np.float32)
+            if o.ndim != 2:
+                raise ValueError(f"{dataset.spec.dataset_id}: only flat Box observations are supported, got shape {o.shape[1:]}")
+            n = len(ep.actions)
+            obs.append(o[:n]), nxt.append(o[1:n + 1]), act.append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+            rew.append(np.asarray(ep.rewards, dtype=np.float32)), term.append(np.asarray(ep.terminations, dtype=bool))
+            trunc.append(np.asarray(ep.truncations, dtype=bool)), eid.append(np.full(n, k))
+        if not obs:
+            raise ValueError(f"{dataset.spec.dataset_id} holds no episodes")
+        space = dataset.spec.action_space
+        md = dataset.storage.metadata
+        data = dict(
+            observations=np.concatenate(obs), actions=np.concatenate(act), rewards=np.concatenate(rew),
+            next_observations=np.concatenate(nxt), terminals=np.concatenate(term), timeouts=np.concatenate(trunc),
+            episode_ids=np.concatenate(eid),
+        )
+        data = _check_finite(data, dataset.spec.dataset_id, drop_nonfinite)
+        return cls(
+            **{k: torch.as_tensor(v) for k, v in data.items()},
+            action_low=torch.as_tensor(np.asarray(space.low, dtype=np.float32)),
+            action_high=torch.as_tensor(np.asarray(space.high, dtype=np.float32)),
+            ref_min_score=md.get("ref_min_score"), ref_max_score=md.get("ref_max_score"),
+            env_id=_env_id(dataset), dataset_id=dataset.spec.dataset_id,
+        )
+
+    # --------------------------------------------------------------- properties
+    def __len__(self) -> int:
+        return self.observations.shape[0]
+
+    @property
+    def obs_dim(self) -> int:
+        return self.observations.shape[1]
+
+    @property
+    def act_dim(self) -> int:
+        return self.actions.shape[1]
+
+    def normalize_obs(self, obs: Tensor) -> Tensor:
+        return (obs - self.obs_mean) / self.obs_std
+
+    def normalize_action(self, action: Tensor) -> Tensor:
+        """Env units -> ``[-1, 1]`` (the inverse of gymnasium's ``RescaleAction``)."""
+        return 2 * (action - self.action_low) / (self.action_high - self.action_low) - 1
+
+    def normalized_score(self, returns):
+        if self.ref_min_score is None or self.ref_max_score is None:
+            raise ValueError(f"{self.dataset_id} has no ref_min_score / ref_max_score in its metadata")
+        return normalized_score(returns, self.ref_min_score, self.ref_max_score)
+
+    def check_env(self, env_id: str | None = None) -> None:
+        check_spaces(self.obs_dim, self.act_dim, env_id or self.env_id, dataset=self.dataset_id or "the dataset")
+
+    # --------------------------------------------------------------- batches
+    def transitions(self, normalize: bool = True) -> TensorDict:
+        """All transitions in TorchRL's layout (``observation``, ``action``, ``("next", ...)``)."""
+        obs, nxt = self.observations, self.next_observations
+        if normalize:
+            obs, nxt = self.normalize_obs(obs), self.normalize_obs(nxt)
+        n = len(self)
+        term = self.terminals.reshape(n, 1)
+        return TensorDict({
+            "observation": obs,
+            "action": self.normalize_action(self.actions).clamp(-1, 1),
+            "next": {"observation": nxt, "reward": self.rewards.reshape(n, 1), "terminated": term,
+                     "done": term | self.timeouts.reshape(n, 1), "truncated": self.timeouts.reshape(n, 1)},
+        }, batch_size=[n])
+
+    def sequences(self, obs_horizon: int = 2, action_horizon: int = 8, normalize: bool = True) -> TensorDict:
+        """Diffusion Policy windows (Chi et al. 2023): ``observation [M, To, obs]`` and ``action [M, Ta, act]``.
+
+        Window ``i`` starts at transition ``i``: the observations ``o_{i-To+1} .. o_i`` and the
+        actions ``a_i .. a_{i+Ta-1}``; indices outside the episode are padded with its first
+        observation / last action, as Diffusion Policy does. ``valid`` marks action steps inside
+        the episode.
+        """
+        obs = self.normalize_obs(self.observations) if normalize else self.observations
+        act = self.normalize_action(self.actions).clamp(-1, 1)
+        eid = self.episode_ids
+        n = len(self)
+        idx = torch.arange(n)
+        change = torch.ones(n, dtype=torch.bool)
+        change[1:] = eid[1:] != eid[:-1]
+        first = torch.nonzero(change).flatten()
+        last = torch.cat([first[1:] - 1, torch.tensor([n - 1])])
+        counts = last - first + 1
+        starts = torch.repeat_interleave(first, counts)
+        ends = torch.repeat_interleave(last, counts)
+        o_idx = (idx[:, None] + torch.arange(-obs_horizon + 1, 1)[None]).maximum(starts[:, None])
+        a_raw = idx[:, None] + torch.arange(action_horizon)[None]
+        a_idx = a_raw.minimum(ends[:, None])
+        return TensorDict({"observation": obs[o_idx], "action": act[a_idx], "valid": a_raw <= ends[:, None]},
+                          batch_size=[n])
+
+    def replay_buffer(self, batch_size: int, *, sequences: dict | None = None, normalize: bool = True, device=None):
+        """A TorchRL ``ReplayBuffer`` sampling ``batch_size`` transitions (or ``sequences(**sequences)``)."""
+        from torchrl.data import ReplayBuffer, TensorStorage
+        from torchrl.data.replay_buffers.samplers import RandomSampler
+
+        td = self.sequences(**sequences, normalize=normalize) if sequences is not None else self.transitions(normalize)
+        if device is not None:
+            td = td.to(device)
+        return ReplayBuffer(storage=TensorStorage(td), sampler=RandomSampler(), batch_size=batch_size)
+
+
+def _env_id(dataset) -> str | None:
+    spec = dataset.spec.env_spec
+    return getattr(spec, "id", None) if spec is not None else None
+
+
+def _check_finite(data: dict[str, np.ndarray], name: str, drop: bool) -> dict[str, np.ndarray]:
+    """Count NaN / inf per field; refuse them, or drop the transitions that hold them."""
+    bad_rows = np.zeros(len(data["actions"]), dtype=bool)
+    counts = {}
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        bad = ~np.isfinite(data[k])
+        counts[k] = int(bad.sum())
+        bad_rows |= bad.reshape(len(bad), -1).any(1)
+    if not bad_rows.any():
+        return data
+    detail = ", ".join(f"{k}: {v}" for k, v in counts.items() if v)
+    if not drop:
+        raise NonFiniteDataError(
+            f"{name} holds non-finite values ({detail}) in {int(bad_rows.sum())} of {len(bad_rows)} transitions; "
+            f"pass drop_nonfinite=True to drop those transitions")
+    import warnings
+
+    warnings.warn(f"{name}: dropped {int(bad_rows.sum())} of {len(bad_rows)} transitions with non-finite values ({detail})")
+    return {k: v[~bad_rows] for k, v in data.items()}

@@ -1,0 +1,186 @@
+"""Diffusion BC and Diffusion-QL on tiny data, and the shared offline training loop."""
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from diffpolicy.agents import agent_class, make_agent
+from diffpolicy.agents.base import OfflineAgent
+from diffpolicy.agents.diffusion_ql import select_by_q
+from diffpolicy.agents.trainer import NonFiniteLossError, TrainConfig, train_offline
+
+SMALL = dict(hidden=64, depth=2, time_dim=8)
+
+
+def _losses(agent, data, steps, key, batch=128):
+    rb = data.replay_buffer(batch)
+    return [float(agent.update(rb.sample())[key]) for _ in range(steps)]
+
+
+def _mean(v):
+    return sum(v) / len(v)
+
+
+def test_registry_and_settings_errors():
+    with pytest.raises(ValueError, match="did you mean 'diffusion_ql'"):
+        agent_class("diffusion_qll")
+    with pytest.raises(TypeError, match="no setting.*hiden"):
+        make_agent("diffusion_bc", 3, 1, hiden=64)
+
+
+def test_diffusion_bc_loss_falls_and_acts_in_the_box(pendulum_data):
+    torch.manual_seed(0)
+    agent = make_agent("diffusion_bc", 3, 1, ema_start=50, **SMALL)
+    losses = _losses(agent, pendulum_data, 300, "loss_bc")
+    assert _mean(losses[-30:]) < 0.6 * _mean(losses[:30])
+    a = agent.act(torch.randn(7, 3))
+    assert a.shape == (7, 1) and bool((a.abs() <= 1).all())
+
+
+def test_diffusion_bc_reproduces_both_modes_where_gaussian_bc_averages_them():
+    """Same state, actions at -0.7 or +0.7: diffusion BC keeps both modes, Gaussian BC lands between them."""
+    torch.manual_seed(0)
+    n = 2048
+    act = (torch.where(torch.rand(n, 1) < 0.5, -0.7, 0.7) + 0.05 * torch.randn(n, 1)).clamp(-1, 1)
+    td = TensorDict({"observation": torch.zeros(n, 1), "action": act}, [n])
+    diffusion = make_agent("diffusion_bc", 1, 1, ema_start=10**9, lr=3e-3, **SMALL)  # ema = actor copy
+    gaussian = make_agent("gaussian_bc", 1, 1, hidden=64, lr=3e-3)
+    for _ in range(2500):
+        batch = td[torch.randint(n, (128,))]
+        diffusion.update(batch)
+    for _ in range(500):
+        gaussian.update(td[torch.randint(n, (128,))])
+    near = lambda a, m: float(((a - m).abs() < 0.2).float().mean())
+    a = diffusion.act(torch.zeros(2000, 1)).squeeze(1)
+    assert near(a, -0.7) > 0.2 and near(a, 0.7) > 0.2 and near(a, 0.0) < 0.2, (near(a, -0.7), near(a, 0.7))
+    g = gaussian.act(torch.zeros(5, 1)).squeeze(1)
+    assert bool((g.abs() < 0.3).all()), g  # the mode-averaging action
+
+
+def test_select_by_q_picks_high_q_candidates():
+    torch.manual_seed(0)
+    obs = torch.zeros(64, 2)
+    sampler = lambda o: torch.rand(o.shape[0], 1) * 2 - 1
+    q = lambda o, a: 20 * a.squeeze(-1)  # prefers a -> +1
+    greedy = select_by_q(obs, sampler, q, 50, greedy=True)
+    soft = select_by_q(obs, sampler, q, 50)
+    assert greedy.shape == (64, 1) and float(greedy.mean()) > 0.9
+    assert float(soft.mean()) > 0.8 and float(sampler(obs).mean()) < 0.3
+
+
+def test_diffusion_ql_learns_its_critic_and_its_q_term_reaches_the_actor(pendulum_data):
+    kw = dict(ema_start=20, critic_hidden=64, critic_depth=2, **SMALL)
+    torch.manual_seed(0)
+    agent = make_agent("diffusion_ql", 3, 1, **kw)
+    rb = pendulum_data.replay_buffer(128)
+    out = [agent.update(rb.sample()) for _ in range(150)]
+    critic = [float(o["loss_critic"]) for o in out]
+    assert all(math.isfinite(c) for c in critic)
+    assert _mean(critic[-20:]) < 0.75 * _mean(critic[:20])  # TD error falls from its random-init level
+    # With eta = 0 the actor step is plain BC; with eta = 1 the Q gradient changes it.
+    batch = rb.sample()
+    moved = {}
+    for eta in (0.0, 1.0):
+        torch.manual_seed(0)
+        ag = make_agent("diffusion_ql", 3, 1, eta=eta, **kw)
+        before = [p.clone() for p in ag.actor.parameters()]
+        torch.manual_seed(1)
+        ag.update(batch)
+        moved[eta] = [p.detach() - b for p, b in zip(ag.actor.parameters(), before)]
+    assert max(float((a - b).abs().max()) for a, b in zip(moved[0.0], moved[1.0])) > 1e-6
+    a = agent.act(pendulum_data.transitions()["observation"][:5])
+    assert a.shape == (5, 1) and bool((a.abs() <= 1).all())
+
+
+class _Counting(OfflineAgent):
+    """A linear-regression agent: deterministic given the RNG, cheap, with one parameter vector."""
+
+    name = "counting"
+
+    def __init__(self, obs_dim, act_dim, nan_at=None):
+        super().__init__(obs_dim, act_dim)
+        self.lin = torch.nn.Linear(obs_dim, act_dim)
+        self.add_optimizer("lin", self.lin.parameters(), lr=1e-2)
+        self.nan_at = nan_at
+
+    def update(self, batch):
+        loss = ((self.lin(batch["observation"]) - batch["action"]) ** 2).mean()
+        if self.nan_at is not None and self.num_updates + 1 >= self.nan_at:
+            loss = loss * float("nan")
+        else:
+            self.step("lin", loss)
+        return {"loss_mse": loss.detach()}
+
+    @torch.no_grad()
+    def act(self, obs):
+        return self.lin(obs).clamp(-1, 1)
+
+
+def test_training_resumes_on_the_same_curve(pendulum_data, tmp_path):
+    torch.manual_seed(1)
+    straight = _Counting(3, 1)
+    train_offline(straight, pendulum_data, TrainConfig(steps=60, eval_every=30, eval_episodes=1, log_every=10),
+                  run_dir=tmp_path / "a", progress=False)
+    torch.manual_seed(1)
+    resumed = _Counting(3, 1)
+    train_offline(resumed, pendulum_data, TrainConfig(steps=30, eval_every=30, eval_episodes=1, log_every=10),
+                  run_dir=tmp_path / "b", progress=False)
+    fresh = _Counting(3, 1)  # a new process would build a new agent and find the checkpoint
+    out = train_offline(fresh, pendulum_data, TrainConfig(steps=60, eval_every=30, eval_episodes=1, log_every=10),
+                        run_dir=tmp_path / "b", progress=False)
+    assert out["steps"] == 60 and [h["step"] for h in out["history"]] == [30, 60]
+    torch.testing.assert_close(fresh.lin.weight, straight.lin.weight, rtol=0, atol=0)
+    for f in ("train.csv", "eval.csv", "config.json", "checkpoint.pt"):
+        assert (tmp_path / "b" / f).exists()
+    assert (tmp_path / "b" / "tb").is_dir()
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(pendulum_data, tmp_path):
+    cfg = TrainConfig(steps=40, eval_every=20, eval_episodes=1, log_every=10)
+    agent = _Counting(3, 1, nan_at=25)
+    with pytest.raises(NonFiniteLossError, match="loss_mse is nan at step 25"):
+        train_offline(agent, pendulum_data, cfg, run_dir=tmp_path, progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["state"]["step"] == 20 and torch.isfinite(saved["agent"]["lin.weight"]).all()
+
+
+def test_dataset_env_mismatch_fails_before_training(pendulum_data):
+    agent = _Counting(3, 1)
+    with pytest.raises(ValueError, match="Hopper-v5"):
+        train_offline(agent, pendulum_data, TrainConfig(steps=5), env_id="Hopper-v5", progress=False)
+    assert agent.num_updates == 0
+
+
+def test_idql_expectile_weights_by_hand():
+    from diffpolicy.agents.idql import expectile_weights
+
+    q, v = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([1.0, 1.0, 1.0])
+    w = expectile_weights(q, v, 0.7)
+    torch.testing.assert_close(w, torch.tensor([0.7 / 1.0, 0.3 / 0.5, 0.7 / 1e-6]))
+
+
+def test_idql_critic_learns_and_selection_prefers_high_q(pendulum_data):
+    torch.manual_seed(0)
+    agent = make_agent("idql", 3, 1, ema_start=20, critic_hidden=64, hidden=64, depth=2, time_dim=8)
+    rb = pendulum_data.replay_buffer(128)
+    out = [agent.update(rb.sample()) for _ in range(150)]
+    q_losses = [float(o["loss_qvalue"]) for o in out]
+    assert _mean(q_losses[-20:]) < 0.5 * _mean(q_losses[:20])
+    assert _mean([float(o["loss_bc"]) for o in out][-20:]) < _mean([float(o["loss_bc"]) for o in out][:20])
+    assert agent.act(torch.zeros(4, 3)).shape == (4, 1)
+
+
+def test_idql_resampling_prefers_high_q(monkeypatch):
+    """Uniform behaviour candidates and a critic preferring a -> +1 (V = 0): the picks move right."""
+    import diffpolicy.agents.idql as idql
+
+    agent = make_agent("idql", 2, 1, hidden=32, depth=1, time_dim=4, critic_hidden=32)
+    monkeypatch.setattr(agent, "sample_actions", lambda o: torch.rand(o.shape[0], 1) * 2 - 1)
+    monkeypatch.setattr(idql, "q_and_v", lambda loss, o, a: (a.squeeze(-1), torch.zeros(a.shape[0])))
+    obs = torch.zeros(500, 2)
+    agent.config.selection = "argmax"
+    assert float(agent.act(obs).mean()) > 0.95
+    agent.config.selection = "expectile"  # w = 0.7 / |a| on a > 0, 0.3 / |a| on a < 0
+    picks = agent.act(obs).squeeze(1)
+    assert float((picks > 0).float().mean()) > 0.6

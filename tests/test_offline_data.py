@@ -1,0 +1,165 @@
+"""Datasets: making, loading, normalised scores, transitions and sequences, bad input; the env factory."""
+import json
+
+import minari
+import numpy as np
+import pytest
+import torch
+
+from diffpolicy.envs.behaviour import train_behaviour_policy
+from diffpolicy.envs.datasets import (
+    DatasetNotFoundError, NonFiniteDataError, OfflineData, _episodes_from_replay, check_spaces, dataset_id,
+    load_dataset, normalized_score,
+)
+from diffpolicy.envs.factory import evaluate, make_env
+
+
+def test_dataset_round_trip_through_minari(pendulum_data, offline_home):
+    did = dataset_id("Pendulum-v1", "medium")
+    assert did == "diffpolicy/pendulum/medium-v0" and pendulum_data.dataset_id == did
+    ds = minari.load_dataset(did)  # a normal Minari dataset
+    assert ds.total_steps == 2000 == len(pendulum_data)
+    assert ds.spec.env_spec.id == "Pendulum-v1" and pendulum_data.env_id == "Pendulum-v1"
+    md = ds.storage.metadata
+    ref = json.loads(next((offline_home / "home").rglob("reference_scores_2.json")).read_text())
+    assert md["ref_min_score"] == pytest.approx(ref["ref_min_score"]) == pendulum_data.ref_min_score
+    assert md["ref_max_score"] == pytest.approx(ref["ref_max_score"]) == pendulum_data.ref_max_score
+    assert pendulum_data.observations.shape == (2000, 3) and pendulum_data.actions.shape == (2000, 1)
+    # Episode structure: next_observation of step i is the observation of step i + 1 inside an episode.
+    same = pendulum_data.episode_ids[1:] == pendulum_data.episode_ids[:-1]
+    torch.testing.assert_close(pendulum_data.next_observations[:-1][same], pendulum_data.observations[1:][same])
+    ep0 = next(iter(ds.iterate_episodes()))
+    np.testing.assert_allclose(ep0.observations[: len(ep0.actions)], pendulum_data.observations[: len(ep0.actions)])
+
+
+def test_normalized_score_against_hand_values_and_minari(pendulum_data):
+    assert normalized_score([50.0], 0.0, 200.0) == pytest.approx([25.0])
+    assert normalized_score([-20.0, 3234.3], -20.0, 3234.3) == pytest.approx([0.0, 100.0])
+    ds = minari.load_dataset(pendulum_data.dataset_id)
+    returns = np.array([-1500.0, -900.0, -150.0])
+    np.testing.assert_allclose(pendulum_data.normalized_score(returns), 100 * minari.get_normalized_score(ds, returns))
+
+
+def test_transitions_layout_and_action_normalisation(pendulum_data):
+    td = pendulum_data.transitions()
+    assert set(td.keys(include_nested=True, leaves_only=True)) >= {
+        "observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"), ("next", "done")}
+    # Pendulum's torque box is [-2, 2]: normalised actions are the raw ones halved.
+    torch.testing.assert_close(td["action"], (pendulum_data.actions / 2).clamp(-1, 1))
+    obs = td["observation"]
+    torch.testing.assert_close(obs.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    assert torch.all((obs.std(0) - 1).abs() < 0.01)
+    batch = pendulum_data.replay_buffer(64).sample()
+    assert batch["observation"].shape == (64, 3) and batch["next", "reward"].shape == (64, 1)
+
+
+def test_sequences_pad_inside_episodes(pendulum_data):
+    To, Ta = 3, 4
+    seq = pendulum_data.sequences(To, Ta, normalize=False)
+    obs, act = pendulum_data.observations, pendulum_data.normalize_action(pendulum_data.actions).clamp(-1, 1)
+    eid = pendulum_data.episode_ids
+    start = int(torch.nonzero(eid == 1)[0])  # first step of the second episode
+    # At an episode start the history repeats the first observation.
+    torch.testing.assert_close(seq["observation"][start], obs[start].expand(To, 3))
+    # In the middle: o_{i-2}, o_{i-1}, o_i and a_i .. a_{i+3}.
+    i = start + 10
+    torch.testing.assert_close(seq["observation"][i], obs[i - 2:i + 1])
+    torch.testing.assert_close(seq["action"][i], act[i:i + 4])
+    assert bool(seq["valid"][i].all())
+    # At an episode end the chunk repeats the last action and is marked invalid past the end.
+    end = start - 1
+    torch.testing.assert_close(seq["action"][end], act[end].expand(Ta, 1))
+    assert seq["valid"][end].tolist() == [True, False, False, False]
+
+
+def test_replay_buffer_split_into_episodes():
+    n = 7
+    replay = {"observations": np.arange(n, dtype=np.float32)[:, None], "next_observations": np.arange(1, n + 1,
+              dtype=np.float32)[:, None], "actions": np.zeros((n, 1), np.float32), "rewards": np.ones(n, np.float32),
+              "done": np.array([0, 0, 1, 0, 1, 0, 0], bool), "terminated": np.array([0, 0, 1, 0, 0, 0, 0], bool)}
+    eps = _episodes_from_replay(replay)
+    assert [len(e["actions"]) for e in eps] == [3, 2, 2]
+    assert eps[0]["terminations"].tolist() == [False, False, True] and not eps[0]["truncations"].any()
+    assert eps[1]["truncations"].tolist() == [False, True]  # a time-limit end
+    assert eps[2]["truncations"].tolist() == [False, True]  # cut by the buffer's end
+    np.testing.assert_array_equal(eps[1]["observations"][:, 0], [3, 4, 5])
+
+
+def test_unknown_dataset_lists_local_ones_and_how_to_make_one(pendulum_data):
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("diffpolicy/nothing/medium-v0", download=False)
+    msg = str(e.value)
+    assert pendulum_data.dataset_id in msg and "make_dataset" in msg
+    with pytest.raises(ValueError, match="quality"):
+        dataset_id("Hopper-v5", "excellent")
+
+
+def test_mismatched_spaces_name_both_shapes(pendulum_data):
+    with pytest.raises(ValueError, match=r"\(3,\).*\(1,\).*Hopper-v5.*\(11,\).*\(3,\)"):
+        pendulum_data.check_env("Hopper-v5")
+    check_spaces(3, 1, "Pendulum-v1")
+
+
+def test_non_finite_values_are_counted_refused_or_dropped(pendulum_data, tmp_path, monkeypatch):
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    obs = np.random.default_rng(0).normal(size=(11, 3)).astype(np.float32)
+    obs[4, 1] = np.nan
+    act = np.zeros((10, 1), np.float32)
+    act[7, 0] = np.inf
+    ep = EpisodeBuffer(observations=obs, actions=act, rewards=np.zeros(10), terminations=np.zeros(10, bool),
+                       truncations=np.eye(10, dtype=bool)[-1])
+    import gymnasium as gym
+
+    ds = minari.create_dataset_from_buffers("test/bad/nan-v0", [ep], env=gym.make("Pendulum-v1").spec)
+    with pytest.raises(NonFiniteDataError, match=r"observations: 1, actions: 1, next_observations: 1\) in 3 of 10 transitions.*drop_nonfinite"):
+        OfflineData.from_minari(ds)
+    with pytest.warns(UserWarning, match="dropped 3 of 10"):
+        data = OfflineData.from_minari(ds, drop_nonfinite=True)
+    assert len(data) == 7 and torch.isfinite(data.observations).all()
+
+
+def test_behaviour_run_resumes_and_picks_medium(tmp_path):
+    kw = dict(total_steps=600, eval_every=300, learning_starts=1000, eval_episodes=1, cache_dir=tmp_path,
+              progress=False, log=lambda s: None)
+    run = train_behaviour_policy("Pendulum-v1", **kw)
+    assert [c.step for c in run.checkpoints] == [300, 600] and run.replay_path.exists()
+    assert run.replay()["observations"].shape == (600, 3)
+    again = train_behaviour_policy("Pendulum-v1", **kw)  # cached: no retraining
+    assert again.checkpoints == run.checkpoints
+    assert run.best().return_mean == max(c.return_mean for c in run.checkpoints)
+
+
+def test_env_factory_normalises_observations_and_rescales_actions():
+    loc, scale = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 2.0])
+    raw, norm = make_env("Pendulum-v1"), make_env("Pendulum-v1", obs_loc=loc, obs_scale=scale)
+    raw.set_seed(3), norm.set_seed(3)
+    torch.testing.assert_close(norm.reset()["observation"], (raw.reset()["observation"].float() - loc) / scale)
+    env = make_env("Pendulum-v1", num_envs=3)
+    assert env.batch_size == (3,) and env.action_spec.shape == (3, 1)
+    with pytest.raises(ValueError, match="unknown gymnasium environment"):
+        make_env("NoSuchEnv-v0")
+    # Actions in [-1, 1] map to Pendulum's [-2, 2] torque; beyond the box they are clipped.
+    res = [evaluate(lambda o, a=a: torch.full((o.shape[0], 1), a), "Pendulum-v1", episodes=2, seed=0).returns
+           for a in (1.0, 5.0)]
+    np.testing.assert_allclose(res[0], res[1])
+
+
+def test_evaluation_is_reproducible_and_counts_each_episode_once():
+    pol = lambda o: torch.zeros(o.shape[0], 3)
+    a = evaluate(pol, "Hopper-v5", episodes=3, seed=5)
+    b = evaluate(pol, "Hopper-v5", episodes=3, seed=5)
+    np.testing.assert_array_equal(a.returns, b.returns)
+    assert (a.lengths < 1000).all()  # a zero-torque hopper falls; later steps of finished envs are not counted
+    one = evaluate(pol, "Hopper-v5", episodes=1, seed=5)
+    import gymnasium as gym
+
+    env = gym.make("Hopper-v5")
+    env.reset(seed=5)  # TorchRL's set_seed on a single gym env resets it with the seed ...
+    env.reset()  # ... and the evaluation then starts from the next reset
+    total, done = 0.0, False
+    while not done:
+        _, r, term, trunc, _ = env.step(np.zeros(3))
+        total, done = total + r, term or trunc
+    assert one.returns[0] == pytest.approx(total, rel=1e-6)
