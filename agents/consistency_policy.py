@@ -51,13 +51,13 @@ from diffpolicy.nets import MLPDenoiser
 from diffpolicy.samplers import consistency_timesteps, prior, sample_consistency
 
 from .base import OfflineAgent
-from .critics import TwinQ, clipped_double_q_loss, soft_update
+from .critics import TwinQ, clipped_double_q_loss, select_by_q, soft_update
 from .diffusion_bc import DiffusionBC, DiffusionBCConfig
 
 __all__ = [
     "ConsistencyBC", "ConsistencyBCConfig", "ConsistencyDistilledBC", "ConsistencyDistilledBCConfig",
     "ConsistencyAC", "ConsistencyACConfig", "make_consistency_denoiser", "sample_consistency_actions",
-    "normalized_q_loss", "select_by_q", "load_diffusion_bc_teacher",
+    "normalized_q_loss", "load_diffusion_bc_teacher",
 ]
 
 TARGETS = ("ema", "self")
@@ -175,22 +175,6 @@ def normalized_q_loss(critic: TwinQ, obs: Tensor, action: Tensor) -> Tensor:
     if bool(torch.randint(2, ()).item()):
         q1, q2 = q2, q1
     return -q1.mean() / q2.abs().mean().detach().clamp_min(1e-6)
-
-
-@torch.no_grad()
-def select_by_q(critic: TwinQ, obs: Tensor, candidates: Tensor, temperature: float = 1.0) -> Tensor:
-    """Pick one of ``candidates [B, N, act_dim]`` per state by ``softmax(min_j Q_j / temperature)``.
-
-    Diffusion-QL's action selection (Wang et al. 2023, their code's ``sample_action``), used by
-    Ding & Jin for Consistency-AC; ``temperature = 0`` takes the argmax.
-    """
-    B, N, A = candidates.shape
-    q = critic.q_min(obs.repeat_interleave(N, 0), candidates.reshape(B * N, A)).reshape(B, N)
-    if temperature > 0:
-        idx = torch.multinomial(torch.softmax(q / temperature, -1), 1).squeeze(-1)
-    else:
-        idx = q.argmax(-1)
-    return candidates[torch.arange(B, device=obs.device), idx]
 
 
 def load_diffusion_bc_teacher(path: str | os.PathLike, obs_dim: int, act_dim: int,
@@ -362,7 +346,7 @@ class ConsistencyAC(ConsistencyBC):
     Actor: ``L(theta) = L_CT(theta) - eta E_s[Q(s, a_theta)] / E|Q|`` with ``a_theta ~ pi_theta(s)``
     sampled by ``train_sample_steps`` consistency steps *with* gradients (the consistency analogue
     of Diffusion-QL eq. 3). Acting: ``num_candidates`` EMA-actor samples per state, one drawn by
-    ``softmax(Q)`` (:func:`select_by_q`), as in Diffusion-QL's and Ding & Jin's code.
+    ``softmax(Q)`` (:func:`~diffpolicy.agents.critics.select_by_q`), as in Diffusion-QL's and Ding & Jin's code.
     """
 
     name = "consistency_ac"
@@ -399,4 +383,4 @@ class ConsistencyAC(ConsistencyBC):
     def act(self, obs: Tensor) -> Tensor:
         n = self.config.num_candidates
         cand = self.sample_actions(obs.repeat_interleave(n, 0)).reshape(obs.shape[0], n, self.act_dim)
-        return select_by_q(self.critic_target, obs, cand, self.config.select_temperature)
+        return select_by_q(obs, cand, self.critic_target.q_min, self.config.select_temperature)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .base import mlp
 
-__all__ = ["TwinQ", "clipped_double_q_loss", "soft_update"]
+__all__ = ["TwinQ", "clipped_double_q_loss", "soft_update", "select_by_q"]
 
 
 class TwinQ(nn.Module):
@@ -59,3 +59,20 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     tp = [p for p in target.parameters()]
     sp = [p for p in source.parameters()]
     torch._foreach_lerp_(tp, sp, tau)
+
+
+@torch.no_grad()
+def select_by_q(obs: Tensor, candidates: Tensor, q_fn, temperature: float = 1.0) -> Tensor:
+    """Pick one of ``candidates [B, N, act_dim]`` per state ``obs [B, obs_dim]`` with probability
+    ``softmax(Q / temperature)`` over the ``N`` candidates (``temperature = 0``: the argmax).
+
+    Diffusion-QL's action selection (Wang et al. 2023, their code's ``sample_action``), also used
+    for Consistency-AC (Ding & Jin 2024). ``q_fn(obs, action) -> [B * N]``, e.g. ``TwinQ.q_min``.
+    """
+    B, N, A = candidates.shape
+    q = q_fn(obs.repeat_interleave(N, 0), candidates.reshape(B * N, A)).reshape(B, N)
+    if temperature > 0:
+        idx = torch.multinomial(torch.softmax(q / temperature, -1), 1).squeeze(-1)
+    else:
+        idx = q.argmax(-1)
+    return candidates[torch.arange(B, device=obs.device), idx]

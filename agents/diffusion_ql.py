@@ -19,10 +19,10 @@ from torch import Tensor
 
 from diffpolicy.chain_losses import DiffusionQLActorLoss
 
-from .critics import TwinQ, clipped_double_q_loss, soft_update
+from .critics import TwinQ, clipped_double_q_loss, select_by_q, soft_update
 from .diffusion_bc import DiffusionBC, DiffusionBCConfig
 
-__all__ = ["DiffusionQL", "DiffusionQLConfig", "select_by_q"]
+__all__ = ["DiffusionQL", "DiffusionQLConfig"]
 
 
 @dataclasses.dataclass
@@ -33,17 +33,6 @@ class DiffusionQLConfig(DiffusionBCConfig):
     critic_depth: int = 3
     candidates: int = 50
     grad_clip: float | None = 5.0
-
-
-def select_by_q(obs: Tensor, sampler, q_fn, candidates: int, greedy: bool = False) -> Tensor:
-    """Draw ``candidates`` actions per state with ``sampler(obs_rep)`` and pick one per state by
-    ``softmax(Q)`` (or ``argmax`` when ``greedy``). Returns ``[N, act_dim]``."""
-    n = obs.shape[0]
-    obs_rep = obs.repeat_interleave(candidates, 0)
-    acts = sampler(obs_rep)
-    q = q_fn(obs_rep, acts).reshape(n, candidates)
-    idx = q.argmax(1) if greedy else torch.multinomial(torch.softmax(q, 1), 1).squeeze(1)
-    return acts.reshape(n, candidates, -1)[torch.arange(n), idx]
 
 
 class DiffusionQL(DiffusionBC):
@@ -85,5 +74,6 @@ class DiffusionQL(DiffusionBC):
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:
-        return select_by_q(obs, lambda o: self.sample_actions(o, ema=False), self.critic_target.q_min,
-                           self.config.candidates)
+        n = self.config.candidates
+        cand = self.sample_actions(obs.repeat_interleave(n, 0), ema=False).reshape(obs.shape[0], n, self.act_dim)
+        return select_by_q(obs, cand, self.critic_target.q_min)

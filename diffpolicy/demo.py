@@ -7,7 +7,6 @@ NFE and wall time, and writes a PNG grid of the samples.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass

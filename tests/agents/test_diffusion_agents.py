@@ -7,7 +7,7 @@ from tensordict import TensorDict
 
 from diffpolicy.agents import agent_class, make_agent
 from diffpolicy.agents.base import OfflineAgent
-from diffpolicy.agents.diffusion_ql import select_by_q
+from diffpolicy.agents.critics import select_by_q
 from diffpolicy.agents.trainer import NonFiniteLossError, TrainConfig, train_offline
 
 SMALL = dict(hidden=64, depth=2, time_dim=8)
@@ -63,8 +63,9 @@ def test_select_by_q_picks_high_q_candidates():
     obs = torch.zeros(64, 2)
     sampler = lambda o: torch.rand(o.shape[0], 1) * 2 - 1
     q = lambda o, a: 20 * a.squeeze(-1)  # prefers a -> +1
-    greedy = select_by_q(obs, sampler, q, 50, greedy=True)
-    soft = select_by_q(obs, sampler, q, 50)
+    cand = sampler(obs.repeat_interleave(50, 0)).reshape(64, 50, 1)
+    greedy = select_by_q(obs, cand, q, temperature=0)
+    soft = select_by_q(obs, cand, q)
     assert greedy.shape == (64, 1) and float(greedy.mean()) > 0.9
     assert float(soft.mean()) > 0.8 and float(sampler(obs).mean()) < 0.3
 
