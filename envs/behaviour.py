@@ -164,7 +164,7 @@ def train_behaviour_policy(
     eval_every: int = 10_000,
     eval_episodes: int = 5,
     seed: int = 0,
-    learning_starts: int = 5_000,
+    learning_starts: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -173,12 +173,15 @@ def train_behaviour_policy(
 
     Every ``eval_every`` steps the policy is evaluated over ``eval_episodes`` deterministic
     episodes and saved; the replay buffer is saved with it so a killed run resumes from the
-    last checkpoint. Returns the run with all its checkpoints.
+    last checkpoint. ``learning_starts`` (random warm-up steps) defaults to
+    ``min(5000, total_steps // 10)``. Returns the run with all its checkpoints.
     """
     if total_steps < eval_every:
         raise ValueError(f"total_steps ({total_steps}) must be at least eval_every ({eval_every})")
     algo = algo.lower()
     cls = _algo_class(algo)
+    if learning_starts is None:
+        learning_starts = min(5_000, total_steps // 10)
     root = pathlib.Path(cache_dir) if cache_dir is not None else diffpolicy_home() / "behaviour"
     directory = root / env_id / f"{algo}-seed{seed}-{total_steps}"
     directory.mkdir(parents=True, exist_ok=True)

@@ -163,3 +163,19 @@ def test_evaluation_is_reproducible_and_counts_each_episode_once():
         _, r, term, trunc, _ = env.step(np.zeros(3))
         total, done = total + r, term or trunc
     assert one.returns[0] == pytest.approx(total, rel=1e-6)
+
+
+@pytest.mark.parametrize("quality", ["random", "expert", "medium-expert", "medium-replay"])
+def test_every_quality_makes_a_loadable_dataset(pendulum_data, quality):
+    from diffpolicy.envs.datasets import make_dataset
+
+    ds = make_dataset("Pendulum-v1", quality, n_transitions=400, behaviour_steps=1000, behaviour_eval_every=500,
+                      ref_episodes=2, progress=False)  # the fixture's behaviour run and reference scores, cached
+    data = OfflineData.from_minari(minari.load_dataset(dataset_id("Pendulum-v1", quality)))
+    expected = {"random": 400, "expert": 400, "medium-expert": 400}.get(quality)
+    if expected is not None:
+        assert ds.total_steps == expected == len(data)
+    else:  # the replay buffer up to the medium checkpoint of the 1000-step behaviour run
+        assert len(data) == ds.total_steps > 0
+    assert (data.ref_min_score, data.ref_max_score) == (pendulum_data.ref_min_score, pendulum_data.ref_max_score)
+    assert quality in ds.storage.metadata["algorithm_name"]

@@ -1,0 +1,34 @@
+"""The offline benchmark's table is assembled from per-run result files (resumable sweeps)."""
+import importlib.util
+import json
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("offline_bench", Path(__file__).parents[1] / "benchmarks" / "offline.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def _result(root, q, agent, seed, score, latency):
+    p = root / q / agent / f"seed{seed}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    hist = [{"step": 5, "score_mean": score / 2}, {"step": 10, "score_mean": score}]
+    p.write_text(json.dumps({"seed": seed, "score": score, "train_seconds": 3.0, "latency_ms": latency,
+                             "steps": 10, "history": hist}))
+
+
+def test_assemble_reads_whatever_runs_exist_and_writes_the_table(tmp_path):
+    root = tmp_path / "runs"
+    _result(root, "medium", "diffusion_bc", 0, 40.0, 2.0)
+    _result(root, "medium", "diffusion_bc", 1, 60.0, 2.0)
+    _result(root, "medium", "consistency_bc", 0, 45.0, 0.5)
+    rep = bench.assemble(root, "Hopper-v5", ["medium", "medium-replay"], ["diffusion_bc", "consistency_bc", "iql"])
+    r = rep["results"]["medium"]
+    assert set(rep["results"]) == {"medium"} and set(r) == {"diffusion_bc", "consistency_bc"}
+    assert r["diffusion_bc"]["score_mean"] == 50.0 and r["diffusion_bc"]["score_std"] == 10.0
+    assert r["diffusion_bc"]["seeds"] == [0, 1]
+    assert rep["curves"]["medium"]["diffusion_bc"] == [[5, 10], [25.0, 50.0]]
+    bench.write_outputs({**rep, "budget": "test budget"}, tmp_path / "out" / "offline")
+    md = (tmp_path / "out" / "offline.md").read_text()
+    assert "| diffusion_bc | 50.0 ± 10.0 (2) |" in md and "test budget" in md
+    assert json.loads((tmp_path / "out" / "offline.json").read_text())["results"]["medium"]["consistency_bc"]
+    assert (tmp_path / "out" / "offline.png").exists()
