@@ -133,7 +133,7 @@ def rollout(denoiser: DenoiserBase, x: Tensor, ts, cond=None, *, eta: float = 1.
     xs, means, stds, lps = [], [], [], []
     for k in range(K):
         trained = k >= K - train_steps
-        model = denoiser if trained else (frozen or denoiser)
+        model = denoiser if trained or frozen is None else frozen
         with torch.set_grad_enabled(grad and trained):
             if clip_x0 is None:  # fused: the step is linear in (x, pred) with per-step scalars
                 mean, std, x_next, lp = _fused_step(model, x, g, k, cond, eta, min_std, min_logprob_std,

@@ -89,6 +89,9 @@ def test_rescore_reproduces_stored_log_probs_and_scores_given_actions():
 def test_only_the_fine_tuned_steps_carry_gradients():
     den = _den()
     frozen = _den()
+    with torch.no_grad():  # a different (e.g. pre-trained) model for the early steps
+        for p in frozen.parameters():
+            p.add_(0.2 * torch.randn_like(p))
     td = rollout(den, torch.randn(4, 2), den.schedule.timesteps(6), train_steps=2, frozen=frozen, grad=True,
                  min_logprob_std=0.1)
     params = list(den.parameters())
@@ -96,6 +99,14 @@ def test_only_the_fine_tuned_steps_carry_gradients():
     late = torch.autograd.grad(td["mean"][:, 4:].sum(), params, retain_graph=True, allow_unused=True)
     assert all(g is None or float(g.abs().sum()) == 0 for g in early)
     assert sum(float(g.abs().sum()) for g in late if g is not None) > 0
+    # The early steps are the frozen model's (its weights differ from den's), the late ones den's.
+    for k, model in ((1, frozen), (3, frozen), (4, den), (5, den)):
+        with torch.no_grad():
+            mean, _ = step_distribution(model, td["x"][:, k], td["t"][:, k], td["s"][:, k])
+        torch.testing.assert_close(td["mean"][:, k].detach(), mean, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        other, _ = step_distribution(den, td["x"][:, 1], td["t"][:, 1], td["s"][:, 1])
+    assert float((other - td["mean"][:, 1]).abs().max()) > 1e-3
     td["next", "x"][:, -1].sum().backward()
     assert all(p.grad is not None for p in den.parameters())
     assert all(p.grad is None for p in frozen.parameters())
