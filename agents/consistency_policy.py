@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from diffpolicy import schedules as S
+from diffpolicy.chain_losses import normalized_q_term
 from diffpolicy.denoiser import ClipX0, ConsistencyPrecond, Denoiser, DenoiserBase
 from diffpolicy.ema import EMA
 from diffpolicy.losses import consistency_distillation_loss, consistency_training_loss, ct_num_scales
@@ -166,15 +167,11 @@ def sample_consistency_actions(model: DenoiserBase, obs: Tensor, act_dim: int, s
 
 
 def normalized_q_loss(critic: TwinQ, obs: Tensor, action: Tensor) -> Tensor:
-    """``-Q_i(s, a) / E|Q_j(s, a)|`` (Diffusion-QL eq. 3's normalisation, Ding & Jin sec. 4.2).
-
-    As in both papers' code, one head ``i`` is chosen at random per update and the other head's
-    mean ``|Q|`` (no gradient) normalises it, so ``eta`` does not depend on the reward scale.
-    """
+    """``-Q_i(s, a) / E|Q_j(s, a)|`` for a random head ``i`` (:func:`~diffpolicy.chain_losses.normalized_q_term`)."""
     q1, q2 = critic(obs, action)
     if bool(torch.randint(2, ()).item()):
         q1, q2 = q2, q1
-    return -q1.mean() / q2.abs().mean().detach().clamp_min(1e-6)
+    return normalized_q_term(q1, q2)
 
 
 def load_diffusion_bc_teacher(path: str | os.PathLike, obs_dim: int, act_dim: int,

@@ -2,8 +2,9 @@
 
 Actor loss (eq. 3): ``L_bc - eta * Q(s, a_theta) / E|Q|`` where ``a_theta`` is drawn by the
 5-step reverse chain *with gradients* (:class:`diffpolicy.chain_losses.DiffusionQLActorLoss`);
-the Q head (``Q_1`` or ``Q_2``) is chosen at random each step, as in the paper's code, and
-normalised by its own batch mean ``|Q|`` (detached; the code divides by the other head's). Critic: twin Q networks (3x256 Mish) with
+as in the paper's code, one head of the twin critic (``Q_1`` or ``Q_2``, at random each step)
+is maximised and the other head's batch mean ``|Q|`` (detached) normalises it. The chain clips
+its x0 prediction to ``[-1, 1]`` like the acting sampler (Diffusion-QL's ``clip_denoised``). Critic: twin Q networks (3x256 Mish) with
 clipped double-Q targets whose next action comes from the EMA actor, soft target updates
 (tau 0.005). Evaluation draws ``candidates`` actions per state from the actor and picks
 one with probability ``softmax(min(Q'_1, Q'_2))`` over the candidates (the paper's code).
@@ -12,7 +13,6 @@ one with probability ``softmax(min(Q'_1, Q'_2))`` over the candidates (the paper
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import torch
 from torch import Tensor
@@ -45,12 +45,13 @@ class DiffusionQL(DiffusionBC):
         self.critic = TwinQ(obs_dim, act_dim, c.critic_hidden, c.critic_depth)
         self.critic_target = self.critic.make_target()
         self.add_optimizer("critic", self.critic.parameters())
-        self._head = 0
-        self.actor_loss = DiffusionQLActorLoss(self.actor, self._q_head, eta=c.eta, steps=c.diffusion_steps)
+        self.actor_loss = DiffusionQLActorLoss(self.actor, self._twin_q, eta=c.eta, steps=c.diffusion_steps,
+                                               clip_x0=1.0)
 
-    def _q_head(self, obs: Tensor, action: Tensor) -> Tensor:
+    def _twin_q(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Q_i, Q_j)`` with the maximised head ``i`` drawn at random (the paper's code)."""
         q1, q2 = self.critic(obs, action)
-        return q1 if self._head == 0 else q2
+        return (q1, q2) if bool(torch.randint(2, ()).item()) else (q2, q1)
 
     def update(self, batch) -> dict[str, Tensor]:
         c = self.config
@@ -60,7 +61,6 @@ class DiffusionQL(DiffusionBC):
         critic_loss = clipped_double_q_loss(self.critic, self.critic_target, batch, next_action, c.gamma)
         self.step("critic", critic_loss)
         # Actor: BC + normalised Q through the chain (critic frozen for this step).
-        self._head = random.randint(0, 1)
         self.critic.requires_grad_(False)
         try:
             out = self.actor_loss(batch)

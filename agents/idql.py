@@ -6,9 +6,11 @@
 * Actor: diffusion BC of the behaviour policy ``mu(a | s)`` (:class:`~diffpolicy.agents.diffusion_bc.DiffusionBC`);
   IDQL's LN-ResNet denoiser (3 residual blocks of width 256 with LayerNorm), 5 VP steps.
 * Acting: draw ``candidates`` actions from ``mu`` and resample one with probability proportional
-  to the expectile critic's implicit-policy weight (IDQL sec. 4.1)
-  ``w(s, a) = |tau - 1(Q(s, a) < V(s))| / |Q(s, a) - V(s)|``, or take ``argmax Q``
-  (``selection="argmax"``, IDQL's greedy variant).
+  to the critic's implicit-policy weight (IDQL sec. 4.1, ``w = f'(Q - V) / (Q - V)`` for the
+  value loss ``f``): for the expectile loss ``w(s, a) = |tau - 1(Q(s, a) < V(s))|``
+  (``selection="expectile"``, the default, as the IQL critic is an expectile one); the quantile
+  loss gives ``|tau - 1(Q < V)| / |Q - V|`` (``"quantile"``); ``"argmax"`` takes the best Q
+  (IDQL's greedy variant).
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ from torchrl.objectives import SoftUpdate
 from .diffusion_bc import DiffusionBC, DiffusionBCConfig
 from .iql import make_iql_critic_loss, q_and_v
 
-__all__ = ["IDQL", "IDQLConfig", "expectile_weights"]
+__all__ = ["IDQL", "IDQLConfig", "expectile_weights", "quantile_weights"]
 
-SELECTIONS = ("expectile", "argmax")
+SELECTIONS = ("expectile", "quantile", "argmax")
 
 
-def expectile_weights(q: Tensor, v: Tensor, expectile: float, eps: float = 1e-6) -> Tensor:
-    """IDQL sec. 4.1: ``|tau - 1(Q < V)| / |Q - V|`` (the implicit policy of an expectile critic)."""
-    adv = q - v
-    return (expectile - (adv < 0).to(q.dtype)).abs() / adv.abs().clamp_min(eps)
+def expectile_weights(q: Tensor, v: Tensor, expectile: float) -> Tensor:
+    """IDQL sec. 4.1 for the expectile loss ``f(u) = |tau - 1(u < 0)| u^2``: ``w = |tau - 1(Q < V)|``."""
+    return (expectile - (q - v < 0).to(q.dtype)).abs()
+
+
+def quantile_weights(q: Tensor, v: Tensor, tau: float, eps: float = 1e-6) -> Tensor:
+    """IDQL sec. 4.1 for the quantile loss ``f(u) = |tau - 1(u < 0)| |u|``: ``w = |tau - 1(Q < V)| / |Q - V|``."""
+    return expectile_weights(q, v, tau) / (q - v).abs().clamp_min(eps)
 
 
 @dataclasses.dataclass
@@ -83,5 +89,6 @@ class IDQL(DiffusionBC):
         if self.config.selection == "argmax":
             idx = q.argmax(1)
         else:
-            idx = torch.multinomial(expectile_weights(q, v, self.config.expectile), 1).squeeze(1)
+            weights = expectile_weights if self.config.selection == "expectile" else quantile_weights
+            idx = torch.multinomial(weights(q, v, self.config.expectile), 1).squeeze(1)
         return acts.reshape(n, k, -1)[torch.arange(n), idx]

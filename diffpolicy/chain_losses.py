@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import Tensor
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
@@ -177,13 +178,25 @@ class QScoreMatchingLoss(LossModule):
         return TensorDict({"loss_qsm": loss}, batch_size=[])
 
 
+def normalized_q_term(q: Tensor, q_norm: Tensor | None = None) -> Tensor:
+    """``-E[Q] / E|Q'|`` with ``Q'`` detached (Diffusion-QL eq. 3's normalisation, ``eta / E|Q|``).
+
+    The paper's code (and Ding & Jin's) uses one random head of twin critics for ``Q`` and the
+    other for ``Q'``; ``q_norm=None`` normalises by ``Q`` itself. Makes ``eta`` independent of
+    the reward scale.
+    """
+    q_norm = q if q_norm is None else q_norm
+    return -q.mean() / q_norm.detach().abs().mean().clamp_min(1e-8)
+
+
 class DiffusionQLActorLoss(LossModule):
     """Diffusion-QL's actor objective (Wang et al. 2023 eq. 3): ``L_bc - eta Q(s, a_theta) / E|Q|``.
 
-    ``a_theta`` is drawn by the reverse chain (``steps`` DDPM steps) *with* gradients, so the Q
-    term backpropagates through every denoising step; the Q term is normalised by the batch's
-    mean ``|Q|`` (detached), as in the paper's code. ``critic(obs, action) -> Q [B]`` (e.g. the
-    min or one head of twin critics). Writes ``loss_bc``, ``loss_q`` and ``loss_actor``.
+    ``a_theta`` is drawn by the reverse chain (``steps`` DDPM steps, x0 clipped to ``clip_x0``
+    as the acting sampler does) *with* gradients, so the Q term backpropagates through every
+    denoising step. ``critic(obs, action)`` returns ``Q [B]`` (normalised by its own mean
+    ``|Q|``) or a pair ``(Q_i, Q_j)`` of twin-critic heads (``-E[Q_i] / E|Q_j|``, the paper's
+    code); see :func:`normalized_q_term`. Writes ``loss_bc``, ``loss_q`` and ``loss_actor``.
     """
 
     @dataclass
@@ -196,9 +209,10 @@ class DiffusionQLActorLoss(LossModule):
     default_keys = _AcceptedKeys
 
     def __init__(self, denoiser: DenoiserBase, critic: Callable, *, eta: float = 1.0, steps: int = 5,
-                 action_clip: float | None = 1.0, grid: dict | None = None):
+                 action_clip: float | None = 1.0, clip_x0: float | None = None, grid: dict | None = None):
         super().__init__()
         self.denoiser, self.critic, self.eta, self.action_clip = denoiser, critic, eta, action_clip
+        self.clip_x0 = clip_x0
         self.ts = denoiser.schedule.timesteps(steps, **(grid or {}))
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
@@ -208,10 +222,10 @@ class DiffusionQLActorLoss(LossModule):
         a, obs = td.get(self.tensor_keys.sample), td.get(self.tensor_keys.cond)
         bc = diffusion_loss(self.denoiser, a, obs).mean()
         x = self.denoiser.schedule.prior_std() * torch.randn_like(a)
-        chain = rollout(self.denoiser, x, self.ts, obs, grad=True, reduction=None)
+        chain = rollout(self.denoiser, x, self.ts, obs, grad=True, reduction=None, clip_x0=self.clip_x0)
         a_new = chain["next", "x"][:, -1]
         if self.action_clip is not None:
             a_new = a_new.clamp(-self.action_clip, self.action_clip)
-        q = self.critic(obs, a_new).reshape(-1)
-        q_loss = -q.mean() / q.abs().mean().detach().clamp_min(1e-8)
+        q = self.critic(obs, a_new)
+        q_loss = normalized_q_term(*(v.reshape(-1) for v in q)) if isinstance(q, tuple) else normalized_q_term(q.reshape(-1))
         return TensorDict({"loss_bc": bc, "loss_q": q_loss, "loss_actor": bc + self.eta * q_loss}, batch_size=[])

@@ -153,12 +153,17 @@ def test_dataset_env_mismatch_fails_before_training(pendulum_data):
     assert agent.num_updates == 0
 
 
-def test_idql_expectile_weights_by_hand():
-    from diffpolicy.agents.idql import expectile_weights
+def test_idql_weights_are_the_derivative_ratio_of_the_value_loss():
+    """IDQL: w(u) = f'(u) / (2 u) for f(u) = |tau - 1(u<0)| u^2 (expectile), f'(u) / u for |tau - 1(u<0)| |u|."""
+    from diffpolicy.agents.idql import expectile_weights, quantile_weights
 
-    q, v = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([1.0, 1.0, 1.0])
-    w = expectile_weights(q, v, 0.7)
-    torch.testing.assert_close(w, torch.tensor([0.7 / 1.0, 0.3 / 0.5, 0.7 / 1e-6]))
+    q, v = torch.tensor([2.0, 0.5, 1.25]), torch.tensor([1.0, 1.0, 1.0])
+    u = (q - v).requires_grad_(True)
+    f = ((0.7 - (u < 0).float()).abs() * u**2).sum()
+    (grad,) = torch.autograd.grad(f, u)
+    torch.testing.assert_close(expectile_weights(q, v, 0.7), grad / (2 * u.detach()))
+    torch.testing.assert_close(expectile_weights(q, v, 0.7), torch.tensor([0.7, 0.3, 0.7]))
+    torch.testing.assert_close(quantile_weights(q, v, 0.7), torch.tensor([0.7 / 1.0, 0.3 / 0.5, 0.7 / 0.25]))
 
 
 def test_idql_critic_learns_and_selection_prefers_high_q(pendulum_data):
@@ -182,6 +187,6 @@ def test_idql_resampling_prefers_high_q(monkeypatch):
     obs = torch.zeros(500, 2)
     agent.config.selection = "argmax"
     assert float(agent.act(obs).mean()) > 0.95
-    agent.config.selection = "expectile"  # w = 0.7 / |a| on a > 0, 0.3 / |a| on a < 0
+    agent.config.selection = "expectile"  # w = 0.7 on a > 0, 0.3 on a < 0: 70% of picks have a > 0
     picks = agent.act(obs).squeeze(1)
-    assert float((picks > 0).float().mean()) > 0.6
+    assert 0.6 < float((picks > 0).float().mean()) < 0.8
