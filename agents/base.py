@@ -6,8 +6,8 @@ networks. The loop (:func:`diffpolicy.agents.trainer.train_offline`) only calls
 * ``update(batch) -> dict`` — one gradient step on a replay batch, returning the loss terms
   and diagnostics as (detached) scalar tensors;
 * ``act(obs) -> action`` — evaluation actions in ``[-1, 1]`` for normalised observations
-  ``[N, obs_dim]`` (or ``[N, obs_dim]`` per step for history agents, which keep their own
-  queue and are cleared by ``reset()`` before each evaluation);
+  ``[N, obs_dim]`` (agents with an observation history or action chunks keep their own
+  queues, cleared by ``reset()`` before each evaluation);
 * ``state_dict()`` / ``load_state_dict()`` (which include optimiser states) for checkpoints.
 
 ``sequence_spec`` is ``None`` for agents that learn from transitions, or the keyword
@@ -18,6 +18,7 @@ from observation histories and action chunks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -42,6 +43,32 @@ class OfflineAgent(nn.Module):
     name: str = "agent"
     config_class = AgentConfig
     sequence_spec: dict | None = None
+    #: ``"return_range"``: train on rewards scaled by ``1000 / (max - min episode return)`` (IQL's
+    #: MuJoCo setting, Kostrikov et al. 2022 App. B); ``None``: raw rewards.
+    reward_normalization: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        """Every subclass's ``update`` advances ``num_updates`` once per call (also when an
+        ``update`` calls its parent's), so EMA and curriculum schedules work outside the trainer."""
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("update")
+        if fn is None or getattr(fn, "_counts_updates", False):
+            return
+
+        @functools.wraps(fn)
+        def update(self, batch):
+            if self._in_update:
+                return fn(self, batch)
+            self._in_update = True
+            try:
+                out = fn(self, batch)
+            finally:
+                self._in_update = False
+            self.num_updates += 1
+            return out
+
+        update._counts_updates = True
+        cls.update = update
 
     def __init__(self, obs_dim: int, act_dim: int, config: AgentConfig | None = None, **overrides: Any):
         super().__init__()
@@ -54,7 +81,8 @@ class OfflineAgent(nn.Module):
             cfg = dataclasses.replace(cfg, **overrides)
         self.obs_dim, self.act_dim, self.config = obs_dim, act_dim, cfg
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.num_updates = 0
+        self.num_updates = 0  # completed ``update`` calls (read inside ``update``: the index of this one)
+        self._in_update = False
 
     # ---------------------------------------------------------------- to override
     def update(self, batch) -> dict[str, Tensor]:

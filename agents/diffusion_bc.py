@@ -6,7 +6,8 @@ eps-prediction on Diffusion-QL's 5-step discretised VP schedule (beta_min 0.1, b
 trained with the denoising loss (Ho et al. 2020 eq. 14). Actions are drawn by 5 DDPM
 ancestral steps with the x0 prediction clipped to ``[-1, 1]`` (Diffusion-QL's
 ``clip_denoised``), from the EMA copy of the network (decay 0.995, updated every 5 steps
-after 1000 steps, as in the paper's code).
+after 1000 steps, as in the paper's code; before that the copy follows the network, where the
+paper's code keeps its initial weights).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class DiffusionBC(OfflineAgent):
         return diffusion_loss(self.actor, action, obs).mean()
 
     def update_ema(self) -> None:
-        """Diffusion-QL's EMA: copy the weights until ``ema_start``, then average every ``ema_every`` steps."""
+        """EMA every ``ema_every`` steps from ``ema_start`` on (Diffusion-QL); before, a plain copy."""
         c = self.config
         if self.num_updates < c.ema_start:
             self.ema.module.load_state_dict(self.actor.state_dict())

@@ -55,6 +55,7 @@ class IDQLConfig(DiffusionBCConfig):
 class IDQL(DiffusionBC):
     name = "idql"
     config_class = IDQLConfig
+    reward_normalization = "return_range"  # IQL's MuJoCo setting: rewards x 1000 / (max - min episode return)
 
     def __init__(self, obs_dim: int, act_dim: int, config: IDQLConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)

@@ -136,6 +136,7 @@ class IQL(OfflineAgent):
 
     name = "iql"
     config_class = IQLConfig
+    reward_normalization = "return_range"  # IQL's MuJoCo setting: rewards x 1000 / (max - min episode return)
 
     def __init__(self, obs_dim: int, act_dim: int, config: IQLConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)

@@ -84,15 +84,27 @@ def evaluate_agent(agent: OfflineAgent, data, env_id: str | None = None, *, epis
 class _Logger:
     """CSV files (``train.csv``, ``eval.csv``) and TensorBoard events in the run directory."""
 
-    def __init__(self, run_dir: pathlib.Path | None):
+    def __init__(self, run_dir: pathlib.Path | None, resume_step: int = 0):
         self.run_dir, self.tb = run_dir, None
-        if run_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if run_dir is None:
+            return
+        for kind in ("train", "eval"):  # rows written after the checkpoint we resume from are redone
+            path = run_dir / f"{kind}.csv"
+            if path.exists():
+                with path.open(newline="") as f:
+                    rows = list(csv.DictReader(f))
+                keep = [r for r in rows if int(float(r["step"])) <= resume_step]
+                if len(keep) < len(rows):
+                    with path.open("w", newline="") as f:
+                        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                        w.writeheader()
+                        w.writerows(keep)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                self.tb = None
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self.tb = None
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         if self.run_dir is None:
@@ -136,26 +148,35 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
     ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
     _set_seed(cfg.seed)
-    rb = data.replay_buffer(cfg.batch_size, sequences=agent.sequence_spec)
+    reward_scale = data.return_range_scale() if agent.reward_normalization == "return_range" else 1.0
+    rb = data.replay_buffer(cfg.batch_size, sequences=agent.sequence_spec, reward_scale=reward_scale)
     state = {"step": 0, "history": [], "train_seconds": 0.0}
+    run_config = json.loads(json.dumps({
+        "agent": agent.name, "agent_config": dataclasses.asdict(agent.config),
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"},
+        "dataset": data.dataset_id, "env_id": env_id, "reward_scale": reward_scale}, default=str))
     if ckpt_path is not None and ckpt_path.exists():
+        old = json.loads((run_path / "config.json").read_text()) if (run_path / "config.json").exists() else None
+        if old is not None and {k: v for k, v in old.items() if k != "steps"} != run_config:
+            diff = sorted(k for k in run_config if old.get(k) != run_config[k])
+            raise ValueError(f"{run_path} holds a run with a different configuration ({', '.join(diff)} differ); "
+                             "resume it with the same settings or use a new run_dir")
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never runs code from the file
         agent.load_state_dict(saved["agent"])
         state = saved["state"]
         _set_rng_state(saved["rng"])
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "config.json").write_text(json.dumps({
-            "agent": agent.name, "agent_config": dataclasses.asdict(agent.config), "train": dataclasses.asdict(cfg),
-            "dataset": data.dataset_id, "env_id": env_id}, indent=1, default=str))
-    logger = _Logger(run_path)
+        (run_path / "config.json").write_text(json.dumps({**run_config, "steps": cfg.steps}, indent=1))
+    logger = _Logger(run_path, resume_step=state["step"])
 
     def checkpoint():
         if ckpt_path is not None:
             _atomic_save({"agent": agent.state_dict(), "state": state, "rng": _rng_state()}, ckpt_path)
 
     def run_eval(step):
-        res = evaluate_agent(agent, data, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed)
+        with torch.random.fork_rng():  # evaluation must not shift the training RNG stream
+            res = evaluate_agent(agent, data, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed)
         rec = {"step": step, "return_mean": res.return_mean, "return_std": res.return_std,
                "score_mean": res.score_mean, "score_std": res.score_std}
         state["history"].append(rec)
@@ -171,7 +192,6 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         while state["step"] < cfg.steps:
             batch = rb.sample()
             metrics = agent.update(batch)
-            agent.num_updates += 1
             state["step"] += 1
             step = state["step"]
             for k, v in metrics.items():

@@ -61,13 +61,13 @@ class BehaviourRun:
         """The expert: the checkpoint with the highest evaluated return."""
         return max(self.checkpoints, key=lambda c: c.return_mean)
 
-    def medium(self, fraction: float = 1.0 / 3.0) -> Checkpoint:
+    def medium(self, fraction: float = 1.0 / 3.0, floor: float | None = None) -> Checkpoint:
         """The checkpoint whose return is closest to ``fraction`` of the expert's (D4RL's medium).
 
-        Returns are measured relative to the worst checkpoint (close to a random policy), so that
-        environments with negative random returns are handled too.
+        Returns are measured from ``floor`` (the random policy's return; default: the worst
+        checkpoint's), so environments with negative returns are handled too.
         """
-        lo = min(c.return_mean for c in self.checkpoints)
+        lo = min(c.return_mean for c in self.checkpoints) if floor is None else floor
         hi = self.best().return_mean
         target = lo + fraction * (hi - lo)
         earlier = [c for c in self.checkpoints if c.step <= self.best().step]

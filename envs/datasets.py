@@ -3,9 +3,10 @@
 * :func:`make_dataset` ``(env_id, quality)`` writes a normal Minari dataset (``minari.load_dataset``
   opens it) for ``quality`` in ``random / medium / expert / medium-replay / medium-expert``,
   following D4RL (Fu et al. 2020, sec. 5): *expert* is a fully trained SAC policy, *medium* a
-  policy stopped at about a third of the expert's return, *medium-replay* the replay buffer
-  of training up to that point, *medium-expert* half medium and half expert data, *random* a
-  uniformly random policy. Behaviour policies are stable-baselines3 agents trained here
+  policy stopped at about a third of the expert's return (measured from the random policy's),
+  *medium-replay* the replay buffer of training up to that point, *medium-expert* half medium
+  and half expert data, *random* uniformly random actions (D4RL used a randomly initialised
+  SAC policy; uniform actions are the policy-free version of the same floor). Behaviour policies are stable-baselines3 agents trained here
   (:mod:`diffpolicy.envs.behaviour`). ``ref_min_score`` / ``ref_max_score`` are the random
   and expert policies' mean returns over ``ref_episodes`` episodes, stored in the metadata.
 * :func:`load_dataset` opens a dataset from the local Minari directory, downloads it when
@@ -162,9 +163,16 @@ def _as_arrays(ep: dict) -> dict:
 
 
 def _episodes_from_replay(replay: dict[str, np.ndarray]) -> list[dict]:
-    """Split an SB3 replay buffer (single env, env order) into Minari episode buffers."""
+    """Split an SB3 replay buffer (single env, env order) into Minari episode buffers.
+
+    Episodes end at ``done``, at the buffer's end, and wherever the next observation does not
+    continue the chain (e.g. an env reset when a behaviour run resumed): those ends are
+    truncations.
+    """
     done = replay["done"].astype(bool).copy()
     if len(done):
+        broken = np.any(replay["next_observations"][:-1] != replay["observations"][1:], axis=-1)
+        done[:-1] |= broken
         done[-1] = True  # close the running episode at the cut
     ends = np.flatnonzero(done)
     episodes, start = [], 0
@@ -239,15 +247,15 @@ def make_dataset(env_id: str, quality: str, *, n_transitions: int = 1_000_000, s
                             n_transitions, seed, progress=progress, desc=f"{did}")
         source = "uniformly random actions"
     elif quality in ("medium", "expert"):
-        ckpt = run.medium() if quality == "medium" else run.best()
+        ckpt = run.medium(floor=ref_min) if quality == "medium" else run.best()
         episodes = _collect(env_id, policy_act(ckpt), n_transitions, seed, progress=progress, desc=did)
         source = f"SB3 {behaviour_algo.upper()} policy at step {ckpt.step} (eval return {ckpt.return_mean:.1f}), stochastic"
     elif quality == "medium-replay":
-        med = run.medium()
+        med = run.medium(floor=ref_min)
         episodes = _episodes_from_replay(run.replay(up_to_step=med.step))
         source = f"SB3 {behaviour_algo.upper()} replay buffer up to step {med.step} (the medium policy)"
     else:  # medium-expert
-        med, best = run.medium(), run.best()
+        med, best = run.medium(floor=ref_min), run.best()
         half = n_transitions // 2
         episodes = (_collect(env_id, policy_act(med), half, seed, progress=progress, desc=f"{did} (medium half)")
                     + _collect(env_id, policy_act(best), n_transitions - half, seed + 100_000, progress=progress,
@@ -366,6 +374,17 @@ class OfflineData:
         """Env units -> ``[-1, 1]`` (the inverse of gymnasium's ``RescaleAction``)."""
         return 2 * (action - self.action_low) / (self.action_high - self.action_low) - 1
 
+    def episode_returns(self) -> Tensor:
+        """Undiscounted return of every episode in the data."""
+        return torch.zeros(int(self.episode_ids.max()) + 1, dtype=torch.float64).index_add_(
+            0, self.episode_ids.long(), self.rewards.double())
+
+    def return_range_scale(self) -> float:
+        """``1000 / (max - min episode return)``: IQL's MuJoCo reward scaling (Kostrikov et al. 2022, experimental details)."""
+        r = self.episode_returns()
+        span = float(r.max() - r.min())
+        return 1000.0 / span if span > 0 else 1.0
+
     def normalized_score(self, returns):
         if self.ref_min_score is None or self.ref_max_score is None:
             raise ValueError(f"{self.dataset_id} has no ref_min_score / ref_max_score in its metadata")
@@ -375,8 +394,9 @@ class OfflineData:
         check_spaces(self.obs_dim, self.act_dim, env_id or self.env_id, dataset=self.dataset_id or "the dataset")
 
     # --------------------------------------------------------------- batches
-    def transitions(self, normalize: bool = True) -> TensorDict:
-        """All transitions in TorchRL's layout (``observation``, ``action``, ``("next", ...)``)."""
+    def transitions(self, normalize: bool = True, reward_scale: float = 1.0) -> TensorDict:
+        """All transitions in TorchRL's layout (``observation``, ``action``, ``("next", ...)``);
+        rewards multiplied by ``reward_scale``."""
         obs, nxt = self.observations, self.next_observations
         if normalize:
             obs, nxt = self.normalize_obs(obs), self.normalize_obs(nxt)
@@ -385,7 +405,7 @@ class OfflineData:
         return TensorDict({
             "observation": obs,
             "action": self.normalize_action(self.actions).clamp(-1, 1),
-            "next": {"observation": nxt, "reward": self.rewards.reshape(n, 1), "terminated": term,
+            "next": {"observation": nxt, "reward": reward_scale * self.rewards.reshape(n, 1), "terminated": term,
                      "done": term | self.timeouts.reshape(n, 1), "truncated": self.timeouts.reshape(n, 1)},
         }, batch_size=[n])
 
@@ -415,12 +435,14 @@ class OfflineData:
         return TensorDict({"observation": obs[o_idx], "action": act[a_idx], "valid": a_raw <= ends[:, None]},
                           batch_size=[n])
 
-    def replay_buffer(self, batch_size: int, *, sequences: dict | None = None, normalize: bool = True, device=None):
+    def replay_buffer(self, batch_size: int, *, sequences: dict | None = None, normalize: bool = True, device=None,
+                      reward_scale: float = 1.0):
         """A TorchRL ``ReplayBuffer`` sampling ``batch_size`` transitions (or ``sequences(**sequences)``)."""
         from torchrl.data import ReplayBuffer, TensorStorage
         from torchrl.data.replay_buffers.samplers import RandomSampler
 
-        td = self.sequences(**sequences, normalize=normalize) if sequences is not None else self.transitions(normalize)
+        td = (self.sequences(**sequences, normalize=normalize) if sequences is not None
+              else self.transitions(normalize, reward_scale))
         if device is not None:
             td = td.to(device)
         return ReplayBuffer(storage=TensorStorage(td), sampler=RandomSampler(), batch_size=batch_size)
@@ -449,4 +471,14 @@ def _check_finite(data: dict[str, np.ndarray], name: str, drop: bool) -> dict[st
     import warnings
 
     warnings.warn(f"{name}: dropped {int(bad_rows.sum())} of {len(bad_rows)} transitions with non-finite values ({detail})")
-    return {k: v[~bad_rows] for k, v in data.items()}
+    # A dropped row splits its episode: the row before the gap becomes a truncation and the rows
+    # after it a new episode, so sequences never join steps across the gap.
+    keep = np.flatnonzero(~bad_rows)
+    out = {k: v[keep] for k, v in data.items()}
+    gap = np.zeros(len(keep), dtype=bool)
+    gap[1:] = (np.diff(keep) > 1) | (out["episode_ids"][1:] != out["episode_ids"][:-1])
+    out["episode_ids"] = np.cumsum(gap)
+    before_gap = np.zeros(len(keep), dtype=bool)
+    before_gap[:-1] = np.diff(keep) > 1
+    out["timeouts"] = out["timeouts"] | (before_gap & ~out["terminals"])
+    return out

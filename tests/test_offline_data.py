@@ -79,6 +79,11 @@ def test_replay_buffer_split_into_episodes():
               "done": np.array([0, 0, 1, 0, 1, 0, 0], bool), "terminated": np.array([0, 0, 1, 0, 0, 0, 0], bool)}
     eps = _episodes_from_replay(replay)
     assert [len(e["actions"]) for e in eps] == [3, 2, 2]
+    # A reset without a done flag (a resumed behaviour run) also ends the episode, as a truncation.
+    broken = {k: v.copy() for k, v in replay.items()}
+    broken["observations"][6, 0] = 100.0  # step 6 does not continue from next_observation of step 5
+    eps2 = _episodes_from_replay(broken)
+    assert [len(e["actions"]) for e in eps2] == [3, 2, 1, 1] and eps2[2]["truncations"].tolist() == [True]
     assert eps[0]["terminations"].tolist() == [False, False, True] and not eps[0]["truncations"].any()
     assert eps[1]["truncations"].tolist() == [False, True]  # a time-limit end
     assert eps[2]["truncations"].tolist() == [False, True]  # cut by the buffer's end
@@ -118,6 +123,19 @@ def test_non_finite_values_are_counted_refused_or_dropped(pendulum_data, tmp_pat
     with pytest.warns(UserWarning, match="dropped 3 of 10"):
         data = OfflineData.from_minari(ds, drop_nonfinite=True)
     assert len(data) == 7 and torch.isfinite(data.observations).all()
+    # Rows 3, 4 and 7 are gone: the episode is split at each gap, the row before a gap truncated.
+    assert data.episode_ids.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert data.timeouts.tolist() == [False, False, True, False, True, False, True]
+    assert not bool(data.sequences(2, 3)["valid"][2, 1:].any())
+
+
+def test_return_range_reward_scale(pendulum_data):
+    r = pendulum_data.episode_returns()
+    assert len(r) == int(pendulum_data.episode_ids.max()) + 1
+    torch.testing.assert_close(r.sum(), pendulum_data.rewards.double().sum())
+    assert pendulum_data.return_range_scale() == pytest.approx(1000 / float(r.max() - r.min()))
+    td = pendulum_data.transitions(reward_scale=2.0)
+    torch.testing.assert_close(td["next", "reward"].squeeze(1), 2 * pendulum_data.rewards)
 
 
 def test_behaviour_run_resumes_and_picks_medium(tmp_path):

@@ -51,7 +51,6 @@ def train(agent, sample, steps):
     logs = []
     for _ in range(steps):
         out = agent.update(sample())
-        agent.num_updates += 1
         assert all(v.dim() == 0 and not v.requires_grad for v in out.values())
         logs.append({k: float(v) for k, v in out.items()})
     return {k: np.array([r[k] for r in logs]) for k in logs[0]}

@@ -22,6 +22,16 @@ def _mean(v):
     return sum(v) / len(v)
 
 
+def test_update_counts_itself_once_even_through_parent_updates():
+    agent = make_agent("idql", 3, 1, hidden=16, depth=1, time_dim=4, critic_hidden=16)  # IDQL.update calls DiffusionBC's
+    td = TensorDict({"observation": torch.randn(8, 3), "action": torch.rand(8, 1) * 2 - 1,
+                     "next": {"observation": torch.randn(8, 3), "reward": torch.zeros(8, 1),
+                              "done": torch.zeros(8, 1, dtype=torch.bool), "terminated": torch.zeros(8, 1, dtype=torch.bool)}},
+                    [8])
+    agent.update(td), agent.update(td)
+    assert agent.num_updates == 2
+
+
 def test_registry_and_settings_errors():
     with pytest.raises(ValueError, match="did you mean 'diffusion_ql'"):
         agent_class("diffusion_qll")
@@ -135,6 +145,25 @@ def test_training_resumes_on_the_same_curve(pendulum_data, tmp_path):
     for f in ("train.csv", "eval.csv", "config.json", "checkpoint.pt"):
         assert (tmp_path / "b" / f).exists()
     assert (tmp_path / "b" / "tb").is_dir()
+    # The logs of the resumed run equal the straight run's: no row written twice.
+    for f in ("train.csv", "eval.csv"):
+        assert (tmp_path / "b" / f).read_text().splitlines()[0] == (tmp_path / "a" / f).read_text().splitlines()[0]
+        steps_b = [line.split(",")[0] for line in (tmp_path / "b" / f).read_text().splitlines()[1:]]
+        steps_a = [line.split(",")[0] for line in (tmp_path / "a" / f).read_text().splitlines()[1:]]
+        assert steps_b == steps_a
+    # A run directory of another configuration is refused, not silently resumed.
+    with pytest.raises(ValueError, match="different configuration.*train"):
+        train_offline(_Counting(3, 1), pendulum_data, TrainConfig(steps=90, batch_size=64, eval_every=30,
+                                                                   eval_episodes=1), run_dir=tmp_path / "b", progress=False)
+
+
+def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(pendulum_data, tmp_path):
+    cfg = TrainConfig(steps=40, eval_every=20, eval_episodes=1, log_every=10)
+    with pytest.raises(NonFiniteLossError):  # dies at step 35: train.csv has a row at 30 past the checkpoint (20)
+        train_offline(_Counting(3, 1, nan_at=35), pendulum_data, cfg, run_dir=tmp_path, progress=False)
+    train_offline(_Counting(3, 1), pendulum_data, cfg, run_dir=tmp_path, progress=False)
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "train.csv").read_text().splitlines()[1:]]
+    assert steps == [10, 20, 30, 40]
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(pendulum_data, tmp_path):

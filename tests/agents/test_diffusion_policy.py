@@ -78,7 +78,6 @@ def test_loss_falls_on_pendulum(pendulum_data):
     losses = []
     for _ in range(250):
         losses.append(float(agent.update(rb.sample())["loss_bc"]))
-        agent.num_updates += 1  # as train_offline does
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     print(f"pendulum loss: first 20 {first:.3f}, last 20 {last:.3f}")
     assert math.isfinite(last) and last < 0.6 * first, (first, last)
@@ -154,7 +153,6 @@ def test_state_dict_round_trip_keeps_ema_warmup():
                     "valid": torch.ones(8, 8, dtype=torch.bool)}, [8])
     for _ in range(3):
         agent.update(b)
-        agent.num_updates += 1
     other = tiny_agent()
     other.load_state_dict(agent.state_dict())
     assert other.ema.updates == agent.ema.updates == 3 and other.num_updates == 3
@@ -188,7 +186,6 @@ def test_learns_history_dependent_chunks():
     rb = data.replay_buffer(128, sequences=agent.sequence_spec)
     for _ in range(500):
         agent.update(rb.sample())
-        agent.num_updates += 1
     seq = data.sequences(**agent.sequence_spec)
     pos = torch.arange(len(data)) % 30  # step within the episode
     idx = torch.nonzero((pos >= 1) & seq["valid"].all(1)).flatten()[::7]  # real (unpadded) histories
