@@ -69,8 +69,8 @@ def local_datasets() -> list[str]:
 
 
 def _how_to_make() -> str:
-    return ("make a local one with diffpolicy.envs.make_dataset('Hopper-v5', 'medium') "
-            f"(qualities: {', '.join(QUALITIES)})")
+    return ("make a local one with `diffpolicy dataset make Hopper-v5 medium` or "
+            f"diffpolicy.envs.make_dataset('Hopper-v5', 'medium') (qualities: {', '.join(QUALITIES)})")
 
 
 def load_dataset(dataset_id: str, *, download: bool = True):

@@ -35,3 +35,25 @@ def test_help_and_bad_arguments(capsys):
 def test_console_script_module_entry():
     r = subprocess.run([sys.executable, "-m", "diffpolicy.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_dataset_list_info_and_unknown_id(pendulum_data, capsys):
+    assert main(["dataset", "list"]) == 0
+    assert pendulum_data.dataset_id in capsys.readouterr().out
+    assert main(["dataset", "info", pendulum_data.dataset_id]) == 0
+    out = capsys.readouterr().out
+    assert "2000 steps" in out and "ref_min_score" in out and "(3,)" in out
+    assert main(["dataset", "info", "diffpolicy/none/medium-v0"]) == 2
+    err = capsys.readouterr().err
+    assert "diffpolicy dataset make" in err and pendulum_data.dataset_id in err
+    with pytest.raises(SystemExit) as e:
+        main(["dataset", "make", "--help"])
+    assert e.value.code == 0 and "medium-replay" in capsys.readouterr().out
+
+
+def test_dataset_make_rejects_unknown_quality(capsys):
+    from diffpolicy.envs.datasets import QUALITIES
+
+    with pytest.raises(SystemExit) as e:
+        main(["dataset", "make", "Hopper-v5", "excellent"])
+    assert e.value.code == 2 and all(q in capsys.readouterr().err for q in QUALITIES)
