@@ -56,4 +56,5 @@ def test_dataset_make_rejects_unknown_quality(capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["dataset", "make", "Hopper-v5", "excellent"])
-    assert e.value.code == 2 and all(q in capsys.readouterr().err for q in QUALITIES)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and all(q in err for q in QUALITIES)
