@@ -74,6 +74,25 @@ def latency_ms(agent, obs_dim: int, repeats: int = 120) -> float:
     return 1000 * statistics.fmean(times)
 
 
+def latency_table(obs_dim: int, act_dim: int, agents, steps: int) -> dict[str, float]:
+    """Per-action latency of every agent at its benchmark settings (weights do not change the cost)."""
+    from diffpolicy.agents import make_agent
+
+    out = {}
+    for name in agents:
+        settings = agent_settings(name, steps, Path("."), "", 0, False)
+        settings.pop("teacher_path", None)
+        if name == "consistency_bc_cd":  # a teacher only shapes the student's training, not its acting cost
+            from diffpolicy.agents.diffusion_bc import DiffusionBC
+
+            settings["teacher"] = DiffusionBC(obs_dim, act_dim)
+        out[name] = latency_ms(make_agent(name, obs_dim, act_dim, **settings), obs_dim)
+        if name == "consistency_bc":  # the one-step sampler of the same model
+            out["consistency_bc_1step"] = latency_ms(make_agent(name, obs_dim, act_dim, sample_steps=1, **settings),
+                                                     obs_dim)
+    return out
+
+
 def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root: Path) -> dict:
     from diffpolicy.agents import make_agent
     from diffpolicy.agents.trainer import TrainConfig, train_offline
@@ -182,9 +201,13 @@ def write_outputs(report: dict, out: Path) -> None:
         t = report["throughput"]
         lines.append(f"\nthroughput_ratio_vs_bare (diffusion BC, batch 256): {report['throughput_ratio_vs_bare']:.3f} "
                      f"({t['ours_steps_per_s']:.1f} vs {t['bare_steps_per_s']:.1f} steps/s; target >= 0.85)")
+    if report.get("latency_ms"):
+        lines.append("\nLatency per action (ms, batch 1, one thread, benchmark settings): " + ", ".join(
+            f"{a} {v:.2f}" for a, v in report["latency_ms"].items()))
     if "latency_ratio_consistency_vs_diffusion" in report:
-        lines.append(f"consistency_bc / diffusion_bc latency per action: {report['latency_ratio_consistency_vs_diffusion']:.3f}"
-                     " (target <= 0.5)")
+        lines.append(f"consistency_bc / diffusion_bc (5 steps) latency per action: 2 steps "
+                     f"{report['latency_ratio_consistency_vs_diffusion']:.3f}, 1 step "
+                     f"{report['latency_ratio_consistency_1step_vs_diffusion']:.3f} (target <= 0.5)")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -270,11 +293,15 @@ def main(argv=None):
         for k in ("throughput", "throughput_ratio_vs_bare"):
             if k in old:
                 report[k] = old[k]
-    lat = {a: [r["latency_ms"] for q in report["results"].values() for n, r in q.items() if n == a]
-           for a in ("consistency_bc", "diffusion_bc")}
-    if all(lat.values()):
-        report["latency_ratio_consistency_vs_diffusion"] = statistics.fmean(lat["consistency_bc"]) / statistics.fmean(
-            lat["diffusion_bc"])
+    if not args.assemble:
+        d0 = OfflineData.from_minari(load_dataset(dataset_id(args.env, args.qualities[0]), download=False))
+        report["latency_ms"] = latency_table(d0.obs_dim, d0.act_dim, DEFAULT_AGENTS, args.steps)
+    elif out.with_suffix(".json").exists():
+        report["latency_ms"] = json.loads(out.with_suffix(".json").read_text()).get("latency_ms", {})
+    lat = report.get("latency_ms", {})
+    if "consistency_bc" in lat and "diffusion_bc" in lat:
+        report["latency_ratio_consistency_vs_diffusion"] = lat["consistency_bc"] / lat["diffusion_bc"]
+        report["latency_ratio_consistency_1step_vs_diffusion"] = lat["consistency_bc_1step"] / lat["diffusion_bc"]
     write_outputs(report, out)
     print(out.with_suffix(".md").read_text())
 
