@@ -22,6 +22,7 @@ Usage::
     python benchmarks/offline.py --quick                        # smoke run, Pendulum-v1, minutes
     python benchmarks/offline.py --steps 100000 --seeds 0 1 2   # the full Hopper-v5 run
     python benchmarks/offline.py --assemble                     # table from finished runs only
+    python benchmarks/offline.py --assemble --measure           # ... plus throughput and latency, measured now
 
 Writes ``--out`` ``.json``, ``.md`` and ``.png`` (learning curves).
 """
@@ -248,6 +249,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/offline)")
     p.add_argument("--quick", action="store_true", help="smoke run: Pendulum-v1, tiny budgets, one seed")
     p.add_argument("--assemble", action="store_true", help="only rebuild the table from finished runs")
+    p.add_argument("--measure", action="store_true",
+                   help="with --assemble: also measure throughput and latency here (on a quiet machine)")
     p.add_argument("--no-throughput", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -283,7 +286,8 @@ def main(argv=None):
                     print(f"[{q} {name} seed {seed}] score {res['score']:.1f} ({time.time() - t:.0f} s)", flush=True)
                     write_outputs({**assemble(result_root, args.env, args.qualities, args.agents, args.steps), "budget": budget}, out)
     report = {**assemble(result_root, args.env, args.qualities, args.agents, args.steps), "budget": budget}
-    if not args.assemble and not args.no_throughput:
+    measure = (not args.assemble or args.measure)
+    if measure and not args.no_throughput:
         q0 = args.qualities[0]
         tp = throughput_ratio(OfflineData.from_minari(load_dataset(dataset_id(args.env, q0), download=False)),
                               steps=100 if args.quick else 300)
@@ -293,7 +297,7 @@ def main(argv=None):
         for k in ("throughput", "throughput_ratio_vs_bare"):
             if k in old:
                 report[k] = old[k]
-    if not args.assemble:
+    if measure:
         d0 = OfflineData.from_minari(load_dataset(dataset_id(args.env, args.qualities[0]), download=False))
         report["latency_ms"] = latency_table(d0.obs_dim, d0.act_dim, DEFAULT_AGENTS, args.steps)
     elif out.with_suffix(".json").exists():
