@@ -72,7 +72,8 @@ class DiffusionBC(OfflineAgent):
         """EMA every ``ema_every`` steps from ``ema_start`` on (Diffusion-QL); before, a plain copy."""
         c = self.config
         if self.num_updates < c.ema_start:
-            self.ema.module.load_state_dict(self.actor.state_dict())
+            with torch.no_grad():  # a plain copy (no state-dict key matching in the hot loop)
+                torch._foreach_copy_(list(self.ema.module.parameters()), list(self.actor.parameters()))
         elif self.num_updates % c.ema_every == 0:
             self.ema.update(self.actor)
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tensordict import TensorDict
 from torch import Tensor
 from torchrl.objectives import SoftUpdate
 
 from .diffusion_bc import DiffusionBC, DiffusionBCConfig
-from .iql import make_iql_critic_loss, q_and_v
+from .iql import critic_batch, make_iql_critic_loss, q_and_v
 
 __all__ = ["IDQL", "IDQLConfig", "expectile_weights", "quantile_weights"]
 
@@ -69,9 +68,7 @@ class IDQL(DiffusionBC):
         self.add_optimizer("critic", self.critic_loss.qvalue_network_params.parameters())
 
     def update(self, batch) -> dict[str, Tensor]:
-        td = TensorDict({"observation": batch["observation"], "action": batch["action"],
-                         "next": batch["next"].select("observation", "reward", "done", "terminated")},
-                        batch_size=batch.batch_size)
+        td = critic_batch(batch, batch["action"])
         loss_v, _ = self.critic_loss.value_loss(td)
         self.step("value", loss_v)
         loss_q, _ = self.critic_loss.qvalue_loss(td)

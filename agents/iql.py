@@ -52,7 +52,7 @@ from .base import AgentConfig, OfflineAgent
 from .gaussian_bc import clamp_action, deterministic_action, tanh_normal_actor
 from .td3_bc import twin_qvalue_modules
 
-__all__ = ["IQL", "IQLConfig", "make_iql_critic_loss", "q_and_v"]
+__all__ = ["IQL", "IQLConfig", "critic_batch", "make_iql_critic_loss", "q_and_v"]
 
 
 class _NoActor(nn.Module):
@@ -119,6 +119,13 @@ def q_and_v(loss: IQLLoss, obs: Tensor, action: Tensor, *, target: bool = True) 
     return torch.stack(qs).min(0).values, v
 
 
+def critic_batch(batch, action: Tensor) -> TensorDict:
+    """The keys ``IQLLoss`` reads: ``observation``, ``action`` and the ``next`` transition."""
+    return TensorDict({"observation": batch["observation"], "action": action,
+                       "next": batch["next"].select("observation", "reward", "done", "terminated")},
+                      batch_size=batch.batch_size)
+
+
 @dataclasses.dataclass
 class IQLConfig(AgentConfig):
     hidden: int = 256
@@ -163,10 +170,7 @@ class IQL(OfflineAgent):
         return q_and_v(self.loss, obs, action, target=target)
 
     def update(self, batch) -> dict[str, Tensor]:
-        td = TensorDict({"observation": batch["observation"],
-                         "action": clamp_action(batch["action"], self.config.action_eps),
-                         "next": batch["next"].select("observation", "reward", "done", "terminated")},
-                        batch_size=batch.batch_size)
+        td = critic_batch(batch, clamp_action(batch["action"], self.config.action_eps))
         loss_v, _ = self.loss.value_loss(td)
         self.step("value", loss_v)
         loss_pi, _ = self.loss.actor_loss(td)
