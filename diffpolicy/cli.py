@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}
         if args.quick:  # shorter budgets, except where the user chose a value
-            quick = dict(train_steps=200, ct_steps=200, n_eval=500, n_held_out=5000)
+            quick = dict(train_steps=200, ct_steps=200, n_eval=500, n_held_out=5000, n_paired=2)
             defaults = DemoConfig()
             values.update({k: v for k, v in quick.items() if values[k] == getattr(defaults, k)})
         run_demo(DemoConfig(**values))

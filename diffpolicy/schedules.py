@@ -162,7 +162,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
-SPACINGS = ("leading", "linspace", "trailing", "logsnr", "quadratic")
+SPACINGS = ("leading", "linspace", "trailing", "logsnr", "quadratic", "power")
 
 
 class DiscreteVP(Schedule):
@@ -221,7 +221,7 @@ class DiscreteVP(Schedule):
     def net_time(self, t):
         return t
 
-    def timesteps(self, n: int, spacing: str = "trailing") -> Tensor:
+    def timesteps(self, n: int, spacing: str = "trailing", power: float = 2.0) -> Tensor:
         """diffusers' timestep spacings (Lin et al. 2024, Table 2) followed by the end time -1.
 
         The default is ``"trailing"``, which starts every grid at ``N - 1`` (Lin et al. 2024
@@ -229,18 +229,24 @@ class DiscreteVP(Schedule):
 
         Not in diffusers, rounded to integer timesteps: ``"logsnr"``, uniform in log-SNR between
         ``N - 1`` and 0, and ``"quadratic"``, ``(N - 1) u^2`` for ``u`` uniform on ``[0, 1]``
-        (DPM-Solver's few-step grids, Lu et al. 2022 App. D.1).
+        (DPM-Solver's few-step grids, Lu et al. 2022 App. D.1); ``"power"`` is
+        ``(N - 1) u^power``, the time-polynomial family the quadratic grid belongs to (a larger
+        ``power`` puts more of the steps at low noise). These three grids end at timestep 0.
         """
         _check_steps(n)
         _choice("timestep spacing", spacing, SPACINGS)
+        if spacing != "power" and power != 2.0:
+            raise ValueError(f"power={power} only applies to spacing='power' (got spacing={spacing!r})")
+        if not power > 0:
+            raise ValueError(f"power must be positive, got {power}")
         N = self.num_train_timesteps
         if n > N:
             raise ValueError(f"n={n} sampling steps exceed the {N} training timesteps")
-        if spacing in ("logsnr", "quadratic"):
+        if spacing in ("logsnr", "quadratic", "power"):
             if spacing == "logsnr":
                 ts = self.logsnr_times(n, N - 1.0, 0.0).round()
             else:
-                ts = ((N - 1) * torch.linspace(1, 0, n, dtype=torch.float64) ** 2).round()
+                ts = ((N - 1) * torch.linspace(1, 0, n, dtype=torch.float64) ** power).round()
             for k in range(n - 2, -1, -1):  # rounding can merge the small times: keep them distinct
                 ts[k] = max(ts[k], ts[k + 1] + 1)
             if ts[0] > N - 1:

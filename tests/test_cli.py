@@ -12,7 +12,7 @@ from diffpolicy.demo import PLAN
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--train-steps", "40", "--ct-steps", "20", "--n-eval", "200",
-                 "--n-held-out", "1000", "--hidden", "32", "--out", str(out)]) == 0
+                 "--n-held-out", "1000", "--hidden", "32", "--n-paired", "2", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["rows"]) == len(PLAN)
     nfe = {(r["sampler"], r["steps"]): r["nfe"] for r in res["rows"]}
@@ -20,7 +20,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert all(r["swd"] > 0 for r in res["rows"]) and res["floor_swd"] > 0
     assert (out / "samples.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
-    assert "| eps | dpmpp_2m | logsnr | 10 |" in printed and "sliced W2" in printed
+    assert "| eps | dpmpp_2m | logsnr | 10 |" in printed and "| eps | dpmpp_2m | power 2.5 | 10 |" in printed
+    assert "sliced W2" in printed and "DPM++ at least as good" in printed
+    assert [(p["family"], p["grid"], p["n"]) for p in res["paired"]] == [
+        ("eps", "quadratic", 2), ("eps", "power 2.5", 2), ("v", "quadratic", 2), ("v", "power 2.5", 2)]
+    assert all(abs(p["mean_diff"]) < 10 and 0 <= p["dpm_wins"] <= 2 for p in res["paired"])
 
 
 def test_help_and_bad_arguments(capsys):

@@ -135,7 +135,7 @@ def test_bad_names_and_ranges():
         S.make_schedule("nope")
     with pytest.raises(ValueError, match="valid: .*linear"):
         S.DiscreteVP(beta_schedule="quadratic")
-    with pytest.raises(ValueError, match="valid: leading, linspace, logsnr, quadratic, trailing"):
+    with pytest.raises(ValueError, match="valid: leading, linspace, logsnr, power, quadratic, trailing"):
         S.DiscreteVP().timesteps(10, spacing="odd")
     with pytest.raises(ValueError, match="ts must lie"):
         S.RectifiedFlow().check_t(torch.tensor([1.5]), "ts")
@@ -171,6 +171,19 @@ def test_quadratic_grids():
     ts = S.DiscreteVP(1000).timesteps(50, spacing="quadratic")  # round(999 (1/49)^2) = 0 merges: pushed up
     assert ts[-4:].tolist() == [2.0, 1.0, 0.0, -1.0] and bool((ts[1:] < ts[:-1]).all())
     assert S.DiscreteVP(20).timesteps(20, spacing="quadratic")[:-1].tolist() == list(range(19, -1, -1))
+
+
+def test_power_grids():
+    vp = S.DiscreteVP(1000)
+    torch.testing.assert_close(vp.timesteps(10, spacing="power"), vp.timesteps(10, spacing="quadratic"))
+    ts = vp.timesteps(4, spacing="power", power=2.5)
+    expected = [round(999 * u**2.5) for u in (1.0, 2 / 3, 1 / 3, 0.0)] + [-1]  # 999, 453, 64, 0
+    assert ts.tolist() == expected
+    assert bool((vp.timesteps(40, spacing="power", power=4.0)[1:] < vp.timesteps(40, spacing="power", power=4.0)[:-1]).all())
+    with pytest.raises(ValueError, match="only applies to spacing='power'"):
+        vp.timesteps(10, spacing="trailing", power=3.0)
+    with pytest.raises(ValueError, match="power must be positive"):
+        vp.timesteps(10, spacing="power", power=0.0)
 
 
 def test_unknown_grid_options_are_rejected():
