@@ -52,7 +52,7 @@ from diffpolicy.nets import MLPDenoiser
 from diffpolicy.samplers import consistency_timesteps, prior, sample_consistency
 
 from .base import OfflineAgent
-from .critics import TwinQ, clipped_double_q_loss, select_by_q, soft_update
+from .critics import TwinCriticMixin, TwinQ, soft_update
 from .diffusion_bc import DiffusionBC, DiffusionBCConfig
 
 __all__ = [
@@ -335,7 +335,7 @@ class ConsistencyDistilledBC(ConsistencyBC):
         return c.loss_scale * loss.mean()
 
 
-class ConsistencyAC(ConsistencyBC):
+class ConsistencyAC(TwinCriticMixin, ConsistencyBC):
     """Consistency-AC (Ding & Jin sec. 4.2): Consistency-BC's actor with a Q term and twin critics.
 
     Critic: clipped double Q-learning (Fujimoto et al. 2018 eq. 10) with the target action
@@ -352,32 +352,23 @@ class ConsistencyAC(ConsistencyBC):
     def __init__(self, obs_dim: int, act_dim: int, config: ConsistencyACConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)
         c = self.config
-        self.critic = TwinQ(obs_dim, act_dim, c.critic_hidden, c.critic_depth)
-        self.critic_target = self.critic.make_target()
-        self.add_optimizer("critic", self.critic.parameters(), lr=c.critic_lr)
+        self.init_twin_critic(c.critic_hidden, c.critic_depth, lr=c.critic_lr)
 
     def update(self, batch) -> dict[str, Tensor]:
         c = self.config
         obs = batch["observation"]
         with torch.no_grad():
             next_action = self.sample_actions(batch["next", "observation"])
-        critic_loss = clipped_double_q_loss(self.critic, self.critic_target, batch, next_action, c.gamma)
-        self.step("critic", critic_loss)
-
+        critic_loss = self.critic_update(batch, next_action)
         ct_loss = self.consistency_loss(obs, batch["action"])
         a_theta = self.sample_actions(obs, ema=False, steps=c.train_sample_steps)
-        self.critic.requires_grad_(False)  # the Q term trains the actor only
-        try:
-            q_loss = normalized_q_loss(self.critic, obs, a_theta)
-        finally:
-            self.critic.requires_grad_(True)
+        with self.critic_frozen() as critic:  # the Q term trains the actor only
+            q_loss = normalized_q_loss(critic, obs, a_theta)
         self.step("actor", ct_loss + c.eta * q_loss, self.actor.parameters())
         self.after_actor_step()
-        soft_update(self.critic_target, self.critic, c.tau)
+        self.update_critic_target()
         return {"loss_ct": ct_loss.detach(), "loss_q": q_loss.detach(), "loss_critic": critic_loss.detach()}
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:
-        n = self.config.num_candidates
-        cand = self.sample_actions(obs.repeat_interleave(n, 0)).reshape(obs.shape[0], n, self.act_dim)
-        return select_by_q(obs, cand, self.critic_target.q_min, self.config.select_temperature)
+        return self.act_by_q(obs, self.sample_actions, self.config.num_candidates, self.config.select_temperature)

@@ -8,13 +8,14 @@ baselines use TorchRL's ``IQLLoss`` / ``TD3BCLoss`` instead.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from .base import mlp
 
-__all__ = ["TwinQ", "clipped_double_q_loss", "soft_update", "select_by_q"]
+__all__ = ["TwinQ", "TwinCriticMixin", "clipped_double_q_loss", "soft_update", "select_by_q"]
 
 
 class TwinQ(nn.Module):
@@ -76,3 +77,41 @@ def select_by_q(obs: Tensor, candidates: Tensor, q_fn, temperature: float = 1.0)
     else:
         idx = q.argmax(-1)
     return candidates[torch.arange(B, device=obs.device), idx]
+
+
+class TwinCriticMixin:
+    """The critic half of an actor-critic :class:`~diffpolicy.agents.base.OfflineAgent`.
+
+    A :class:`TwinQ` with a Polyak target trained by clipped double Q-learning, a context in
+    which the actor's Q term reaches the actor only, and acting by ``softmax(Q)`` over sampled
+    candidates. Diffusion-QL and Consistency-AC differ only in their actor and its loss.
+    """
+
+    def init_twin_critic(self, hidden: int, depth: int, lr: float | None = None) -> None:
+        self.critic = TwinQ(self.obs_dim, self.act_dim, hidden, depth)
+        self.critic_target = self.critic.make_target()
+        self.add_optimizer("critic", self.critic.parameters(), lr=lr)
+
+    def critic_update(self, batch, next_action: Tensor) -> Tensor:
+        """One clipped double-Q step towards ``r + gamma (1 - done) min_i Q'_i(s', next_action)``."""
+        loss = clipped_double_q_loss(self.critic, self.critic_target, batch, next_action, self.config.gamma)
+        self.step("critic", loss)
+        return loss
+
+    @contextmanager
+    def critic_frozen(self):
+        """Gradients of a Q term flow to the actions (and the actor) but not into the critic."""
+        self.critic.requires_grad_(False)
+        try:
+            yield self.critic
+        finally:
+            self.critic.requires_grad_(True)
+
+    def update_critic_target(self) -> None:
+        soft_update(self.critic_target, self.critic, self.config.tau)
+
+    @torch.no_grad()
+    def act_by_q(self, obs: Tensor, sample, n: int, temperature: float = 1.0) -> Tensor:
+        """``n`` actions ``sample(obs repeated)`` per state, one drawn by :func:`select_by_q` on the target critic."""
+        cand = sample(obs.repeat_interleave(n, 0)).reshape(obs.shape[0], n, self.act_dim)
+        return select_by_q(obs, cand, self.critic_target.q_min, temperature)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from diffpolicy.chain_losses import DiffusionQLActorLoss
 
-from .critics import TwinQ, clipped_double_q_loss, select_by_q, soft_update
+from .critics import TwinCriticMixin
 from .diffusion_bc import DiffusionBC, DiffusionBCConfig
 
 __all__ = ["DiffusionQL", "DiffusionQLConfig"]
@@ -35,16 +35,14 @@ class DiffusionQLConfig(DiffusionBCConfig):
     grad_clip: float | None = 5.0
 
 
-class DiffusionQL(DiffusionBC):
+class DiffusionQL(TwinCriticMixin, DiffusionBC):
     name = "diffusion_ql"
     config_class = DiffusionQLConfig
 
     def __init__(self, obs_dim: int, act_dim: int, config: DiffusionQLConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)
         c = self.config
-        self.critic = TwinQ(obs_dim, act_dim, c.critic_hidden, c.critic_depth)
-        self.critic_target = self.critic.make_target()
-        self.add_optimizer("critic", self.critic.parameters())
+        self.init_twin_critic(c.critic_hidden, c.critic_depth)
         self.actor_loss = DiffusionQLActorLoss(self.actor, self._twin_q, eta=c.eta, steps=c.diffusion_steps,
                                                clip_x0=1.0)
 
@@ -54,26 +52,19 @@ class DiffusionQL(DiffusionBC):
         return (q1, q2) if bool(torch.randint(2, ()).item()) else (q2, q1)
 
     def update(self, batch) -> dict[str, Tensor]:
-        c = self.config
         # Critic: clipped double-Q with the EMA actor's next action.
         with torch.no_grad():
             next_action = self.sample_actions(batch["next", "observation"], ema=True)
-        critic_loss = clipped_double_q_loss(self.critic, self.critic_target, batch, next_action, c.gamma)
-        self.step("critic", critic_loss)
+        critic_loss = self.critic_update(batch, next_action)
         # Actor: BC + normalised Q through the chain (critic frozen for this step).
-        self.critic.requires_grad_(False)
-        try:
+        with self.critic_frozen():
             out = self.actor_loss(batch)
-        finally:
-            self.critic.requires_grad_(True)
         self.step("actor", out["loss_actor"])
         self.update_ema()
-        soft_update(self.critic_target, self.critic, c.tau)
+        self.update_critic_target()
         return {"loss_critic": critic_loss.detach(), "loss_bc": out["loss_bc"].detach(),
                 "loss_q": out["loss_q"].detach()}
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:
-        n = self.config.candidates
-        cand = self.sample_actions(obs.repeat_interleave(n, 0), ema=False).reshape(obs.shape[0], n, self.act_dim)
-        return select_by_q(obs, cand, self.critic_target.q_min)
+        return self.act_by_q(obs, lambda o: self.sample_actions(o, ema=False), self.config.candidates)
