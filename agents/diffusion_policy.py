@@ -64,10 +64,10 @@ import torch
 from torch import Tensor
 
 from diffpolicy import schedules as S
-from diffpolicy.denoiser import Denoiser, expand_like
+from diffpolicy.denoiser import Denoiser
 from diffpolicy.ema import EMA
+from diffpolicy.losses import diffusion_loss
 from diffpolicy.nets import TemporalUnet1D
-from diffpolicy.parameterization import from_x0_eps, needs_derivatives
 from diffpolicy.samplers import sample
 
 from .base import AgentConfig, OfflineAgent
@@ -175,25 +175,11 @@ class DiffusionPolicy(OfflineAgent):
         ``valid [B, Tp]`` is true (all steps when ``valid`` is None or ``mask_padding`` is off).
         """
         B = action.shape[0]
-        den = self.actor
-        sched, kind = den.schedule, den.prediction
-        cond = obs.reshape(B, -1)
-        tdtype = torch.promote_types(action.dtype, torch.float32)
-        if t is None:
-            t = sched.sample_t(B, device=action.device).to(tdtype)
-        if noise is None:
-            noise = torch.randn_like(action)
-        alpha, sigma = (expand_like(v, action) for v in sched.alpha_sigma(t))
-        d_alpha = d_sigma = None
-        if needs_derivatives(kind):
-            d_alpha, d_sigma = (expand_like(v, action) for v in sched.derivatives(t))
-        x_t = alpha * action + sigma * noise
-        target = from_x0_eps(kind, action, noise, alpha, sigma, d_alpha, d_sigma, sched.sigma_data)
-        err = (den(x_t, t, cond) - target).pow(2).mean(-1)  # [B, Tp]
         if valid is None or not self.config.mask_padding:
-            return err.mean()
-        w = valid.to(err.dtype)
-        return (err * w).sum() / w.sum().clamp_min(1.0)
+            return diffusion_loss(self.actor, action, obs.reshape(B, -1), t=t, noise=noise).mean()
+        per_sample = diffusion_loss(self.actor, action, obs.reshape(B, -1), t=t, noise=noise, mask=valid[..., None])
+        n_valid = valid.to(per_sample.dtype).sum(1)  # weight each chunk by its real steps: a mean over all of them
+        return (per_sample * n_valid).sum() / n_valid.sum().clamp_min(1.0)
 
     def update(self, batch) -> dict[str, Tensor]:
         lr = self.lr_at(self.num_updates)

@@ -65,13 +65,15 @@ def loss_weight(weighting: str, kind: str, alpha, sigma, d_alpha=None, d_sigma=N
 
 def diffusion_loss(denoiser: DenoiserBase, x0: Tensor, cond=None, *, t: Tensor | None = None,
                    noise: Tensor | None = None, weighting: str = "uniform", min_snr_gamma: float = 5.0,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Denoising score matching in the denoiser's own parameterisation (Ho et al. 2020 eq. 14).
 
     ``x_t = alpha_t x0 + sigma_t eps`` at ``t ~ schedule.sample_t``; the target is
     ``from_x0_eps(kind, x0, eps)`` (eps, x0, v, RF velocity, score or TrigFlow F), so the same
     function is the flow-matching loss for an ``rf_velocity`` denoiser and the TrigFlow
-    diffusion objective for a ``trigflow`` one. Returns ``[B]``.
+    diffusion objective for a ``trigflow`` one. Returns ``[B]``: each sample's mean squared
+    error, over the elements where ``mask`` (broadcastable to ``x0``, e.g. ``[B, Tp, 1]`` for
+    the padded steps of an action chunk) is true when it is given.
     """
     sched, kind = denoiser.schedule, denoiser.prediction
     B = x0.shape[0]
@@ -94,7 +96,15 @@ def diffusion_loss(denoiser: DenoiserBase, x0: Tensor, cond=None, *, t: Tensor |
     d_alpha, d_sigma = (expand_like(v, x0) for v in sched.derivatives(t))
     x_t = alpha * x0 + sigma * noise
     target = from_x0_eps(kind, x0, noise, alpha, sigma, d_alpha, d_sigma, sched.sigma_data)
-    err = _mean_per_sample((denoiser(x_t, t, cond) - target) ** 2)
+    sq = (denoiser(x_t, t, cond) - target) ** 2
+    if mask is None:
+        err = _mean_per_sample(sq)
+    else:
+        try:
+            m = torch.broadcast_to(mask, x0.shape).to(sq.dtype)
+        except RuntimeError:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x0 {tuple(x0.shape)}") from None
+        err = (sq * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
     w = loss_weight(weighting, kind, alpha, sigma, d_alpha, d_sigma, sched.sigma_data, min_snr_gamma)
     return err * w.reshape(B, -1)[:, 0]
 

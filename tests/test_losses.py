@@ -33,6 +33,22 @@ def test_diffusion_loss_by_hand(kind):
     torch.testing.assert_close(diffusion_loss(den, x0, t=t, noise=noise), ref)
 
 
+def test_diffusion_loss_mask_by_hand():
+    net, sched = _net(), S.DiscreteVP()
+    den = Denoiser(net, sched, "eps")
+    x0, noise, t = torch.randn(8, 2), torch.randn(8, 2), torch.randint(0, 1000, (8,)).float()
+    a, s = (v[:, None].float() for v in sched.alpha_sigma(t))
+    sq = (net(a * x0 + s * noise, t, None) - noise) ** 2
+    mask = torch.tensor([[1, 1], [1, 0], [0, 1], [0, 0]] * 2, dtype=torch.bool)
+    ref = (sq * mask).sum(1) / mask.sum(1).clamp_min(1)  # the mean over the masked-in elements; 0 for none
+    torch.testing.assert_close(diffusion_loss(den, x0, t=t, noise=noise, mask=mask), ref)
+    row_mask = torch.tensor([True, False] * 4)[:, None]  # broadcast over the event
+    torch.testing.assert_close(diffusion_loss(den, x0, t=t, noise=noise, mask=row_mask),
+                               sq.mean(1) * row_mask[:, 0])
+    with pytest.raises(ValueError, match=r"mask of shape \(3,\) does not broadcast to x0 \(8, 2\)"):
+        diffusion_loss(den, x0, t=t, noise=noise, mask=torch.ones(3))
+
+
 def test_min_snr_weights_closed_forms():
     """Hang et al. 2023: eps -> min(SNR, g)/SNR, x0 -> min(SNR, g), v -> min(SNR, g)/(SNR + 1)."""
     sched = S.VPSDE()
