@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .base import OfflineAgent
 
@@ -183,8 +184,25 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         logger.write("eval", step, {k: v for k, v in rec.items() if k != "step"})
         return rec
 
-    sums: dict[str, float] = {}
-    count = 0
+    pending: dict[str, list[tuple[int, Tensor]]] = {}  # metrics since the last flush, still on the device
+
+    def flush(clear: bool = True) -> dict[str, float]:
+        """Means of the pending metrics, read in one transfer (no per-step device sync); a non-finite
+        value stops the run, naming its first step, before anything after it is logged or saved."""
+        means = {}
+        for k, rows in pending.items():
+            values = torch.stack([v for _, v in rows]).cpu()
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                i = int(bad[0, 0])
+                raise NonFiniteLossError(
+                    f"{agent.name}: {k} is {float(values[i])} at step {rows[i][0]}; stopped before saving, the last "
+                    f"good checkpoint ({ckpt_path if ckpt_path is not None else 'none: no run_dir'}) is kept")
+            means[k] = float(values.mean())
+        if clear:
+            pending.clear()
+        return means
+
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{agent.name}", disable=not progress, unit="step")
     agent.train()
     t0 = time.perf_counter()
@@ -195,20 +213,17 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
             state["step"] += 1
             step = state["step"]
             for k, v in metrics.items():
-                v = float(v)
-                if not np.isfinite(v):
-                    raise NonFiniteLossError(
-                        f"{agent.name}: {k} is {v} at step {step}; stopped before saving, the last good checkpoint "
-                        f"({ckpt_path if ckpt_path is not None else 'none: no run_dir'}) is kept")
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
+                v = v.detach().reshape(()).double() if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
+                pending.setdefault(k, []).append((step, v))
+            eval_now = evaluate and (step % cfg.eval_every == 0 or step == cfg.steps)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                means = {k: v / count for k, v in sums.items()}
+                means = flush()
                 logger.write("train", step, means)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:3]})
-                sums, count = {}, 0
+            elif eval_now:
+                flush(clear=False)  # checked before the checkpoint, logged with the next row
             bar.update(1)
-            if evaluate and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if eval_now:
                 state["train_seconds"] += time.perf_counter() - t0
                 run_eval(step)
                 checkpoint()
