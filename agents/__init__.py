@@ -21,6 +21,18 @@ iql                 ``iql``                        IQL through TorchRL's ``IQLLo
 
 ``make_agent(name, obs_dim, act_dim, **settings)`` builds one; ``train_offline`` (in
 :mod:`~diffpolicy.agents.trainer`) trains any of them.
+
+Online fine-tuning agents start from a trained BC policy (``Cls.from_diffusion_bc(bc)``, or
+``GaussianPPO.from_gaussian_bc(gbc)``) and train with ``train_online`` (in
+:mod:`~diffpolicy.agents.online`, TorchRL collectors on vectorised gymnasium envs):
+
+==================  =============================  ==========================================
+dppo                ``dppo``                       DPPO: PPO over the last K' denoising steps
+drwr                ``drwr``                       reward-weighted diffusion regression
+dawr                ``dawr``                       advantage-weighted diffusion regression
+qsm                 ``qsm``                        Q-score matching, off-policy twin critic
+gaussian_ppo        ``gaussian_ppo``               tanh-normal PPO via TorchRL ``ClipPPOLoss``
+==================  =============================  ==========================================
 """
 
 from __future__ import annotations

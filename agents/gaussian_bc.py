@@ -35,11 +35,13 @@ from .base import AgentConfig, OfflineAgent
 __all__ = ["GaussianBC", "GaussianBCConfig", "tanh_normal_actor", "deterministic_action", "clamp_action"]
 
 
-def tanh_normal_actor(obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 2) -> ProbabilisticActor:
+def tanh_normal_actor(obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 2,
+                      return_log_prob: bool = False) -> ProbabilisticActor:
     """A ``ProbabilisticActor`` ``"observation" -> ("loc", "scale") -> "action"`` with a ``TanhNormal`` on ``[-1, 1]``.
 
     The MLP (``depth`` x ``hidden``, ReLU) outputs ``2 * act_dim``; ``NormalParamExtractor`` maps them
-    to a state-dependent location and scale. Shared by Gaussian BC and IQL.
+    to a state-dependent location and scale. Shared by Gaussian BC, IQL and Gaussian PPO (which
+    collects with ``return_log_prob=True``).
     """
     net = nn.Sequential(
         MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=[hidden] * depth, activation_class=nn.ReLU),
@@ -49,7 +51,7 @@ def tanh_normal_actor(obs_dim: int, act_dim: int, hidden: int = 256, depth: int 
     return ProbabilisticActor(
         module, in_keys=["loc", "scale"], out_keys=["action"], spec=Bounded(-1.0, 1.0, (act_dim,)),
         distribution_class=TanhNormal, distribution_kwargs={"low": -1.0, "high": 1.0},
-        default_interaction_type=ExplorationType.DETERMINISTIC,
+        default_interaction_type=ExplorationType.DETERMINISTIC, return_log_prob=return_log_prob,
     )
 
 

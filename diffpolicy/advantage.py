@@ -6,13 +6,15 @@ each environment step with a denoising discount (Ren et al. 2024, DPPO §4.2 and
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict, deque
 
 import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-__all__ = ["env_gae", "spread_over_chain", "chain_advantage", "PerContextStandardizer", "reward_weights"]
+__all__ = ["env_gae", "spread_over_chain", "chain_advantage", "PerContextStandardizer", "RunningReturnScaler",
+           "reward_weights"]
 
 
 def env_gae(td: TensorDictBase, critic, *, gamma: float = 0.99, lmbda: float = 0.95) -> TensorDictBase:
@@ -89,6 +91,46 @@ class PerContextStandardizer:
                 mean, std = b.mean(), b.std(unbiased=False) + self.eps
             out[idx] = (r[idx] - mean) / std
         return out.to(rewards)
+
+
+class RunningReturnScaler:
+    """Rewards divided by the running std of the discounted return (Engstrom et al. 2020 §3, "reward scaling").
+
+    Each parallel env keeps ``G <- gamma G (1 - done_prev) + r``; every ``G`` seen so far enters a
+    running variance (Chan et al.'s parallel update), and ``r / sqrt(var + eps)`` is returned,
+    as SB3's ``VecNormalize`` (reward part) and DPPO's ``RunningRewardScaler`` do. The mean of
+    ``G`` is not subtracted from the rewards. State is a ``state_dict`` for checkpoints.
+    """
+
+    def __init__(self, num_envs: int, gamma: float = 0.99, eps: float = 1e-8):
+        self.gamma, self.eps = gamma, eps
+        self.ret = torch.zeros(num_envs, dtype=torch.float64)
+        self.count, self.mean, self.var = 0, 0.0, 1.0
+
+    def __call__(self, reward: Tensor, done: Tensor) -> Tensor:
+        """``reward, done [num_envs, T]`` (or with a trailing 1), time along dim 1 -> scaled rewards."""
+        r = reward.reshape(reward.shape[0], -1).double().cpu()
+        d = done.reshape(done.shape[0], -1).cpu()
+        if r.shape[0] != self.ret.shape[0] or d.shape != r.shape:
+            raise ValueError(f"reward {tuple(reward.shape)} and done {tuple(done.shape)} must be [num_envs="
+                             f"{self.ret.shape[0]}, T]")
+        returns = torch.empty_like(r)
+        for k in range(r.shape[1]):
+            self.ret = self.ret * self.gamma + r[:, k]
+            returns[:, k] = self.ret
+            self.ret = torch.where(d[:, k], 0.0, self.ret)
+        n, m, v = returns.numel(), float(returns.mean()), float(returns.var(unbiased=False))
+        total = self.count + n
+        delta = m - self.mean
+        self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+        return (reward / math.sqrt(self.var + self.eps)).to(reward.dtype)
+
+    def state_dict(self) -> dict:
+        return {"ret": self.ret.clone(), "count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ret, self.count, self.mean, self.var = state["ret"].clone(), state["count"], state["mean"], state["var"]
 
 
 def reward_weights(values: Tensor, beta: float, max_weight: float | None = None) -> Tensor:

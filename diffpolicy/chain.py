@@ -135,14 +135,8 @@ def rollout(denoiser: DenoiserBase, x: Tensor, ts, cond=None, *, eta: float = 1.
         trained = k >= K - train_steps
         model = denoiser if trained or frozen is None else frozen
         with torch.set_grad_enabled(grad and trained):
-            if clip_x0 is None:  # fused: the step is linear in (x, pred) with per-step scalars
-                mean, std, x_next, lp = _fused_step(model, x, g, k, cond, eta, min_std, min_logprob_std,
-                                                    noise_clip, reduction, generator)
-            else:
-                out = denoise_step(model, x, g.t[k], g.t[k + 1] if k + 1 < K else _end_time(g, x), cond, eta=eta,
-                                   min_std=min_std, min_logprob_std=min_logprob_std, noise_clip=noise_clip,
-                                   clip_x0=clip_x0, reduction=reduction, generator=generator)
-                mean, std, x_next, lp = out.mean, out.std, out.x_prev, out.log_prob
+            mean, std, x_next, lp = _fused_step(model, x, g, k, cond, eta, min_std, min_logprob_std, noise_clip,
+                                                clip_x0, reduction, generator)
         xs.append(x)
         means.append(mean), stds.append(std), lps.append(None if lp is None else lp.detach())
         x = x_next
@@ -163,19 +157,25 @@ def rollout(denoiser: DenoiserBase, x: Tensor, ts, cond=None, *, eta: float = 1.
     return td
 
 
-def _end_time(g, x: Tensor) -> Tensor:
-    return torch.full_like(g.t[0], g.ts[-1])
-
-
-def _fused_step(model, x, g, k, cond, eta, min_std, min_logprob_std, noise_clip, reduction, generator):
+def _fused_step(model, x, g, k, cond, eta, min_std, min_logprob_std, noise_clip, clip_x0, reduction, generator):
     """The step of :func:`denoise_step` with the grid's scalar coefficients: a few tensor ops.
 
-    ``x_s - mean = std_s z``, so ``log N(x_s | mean, std_lp^2) = -(std_s/std_lp)^2 z^2/2 - log std_lp - log sqrt(2 pi)``.
+    Unclipped, the mean is linear in ``(x, pred)``; with ``clip_x0`` it is
+    ``(alpha_s - k alpha_t / sigma_t) clamp(x0) + (k / sigma_t) x`` (eps recomputed from the
+    clipped x0, ``k = sqrt(sigma_s^2 - std^2)``). ``x_s - mean = std_s z``, so
+    ``log N(x_s | mean, std_lp^2) = -(std_s/std_lp)^2 z^2/2 - log std_lp - log sqrt(2 pi)``.
     """
     at, st, as_, ss = g.alpha[k], g.sigma[k], g.alpha[k + 1], g.sigma[k + 1]
     std = ddim_std(at, st, as_, ss, eta)
-    A, B = ddim_coefficients(*g.coef[k], as_, ss, std)
-    mean = model(x, g.t[k], cond).mul(B).add_(x, alpha=A)
+    pred = model(x, g.t[k], cond)
+    if clip_x0 is None:
+        A, B = ddim_coefficients(*g.coef[k], as_, ss, std)
+        mean = pred.mul(B).add_(x, alpha=A)
+    else:
+        a, b = g.coef[k][:2]
+        kk = math.sqrt(max(ss**2 - std**2, 0.0))
+        x0 = pred.mul(b).add_(x, alpha=a).clamp(-clip_x0, clip_x0)
+        mean = x0.mul(as_ - kk * at / st).add_(x, alpha=kk / st)
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if noise_clip is not None:
         z = z.clamp(-noise_clip, noise_clip)

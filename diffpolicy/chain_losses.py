@@ -39,13 +39,13 @@ class _ChainLoss(LossModule):
     default_keys = _AcceptedKeys
 
     def __init__(self, denoiser: DenoiserBase, *, eta: float = 1.0, min_logprob_std: float = 0.0,
-                 reduction: str = "mean", advantage_clip: float | None = None):
+                 reduction: str = "mean", advantage_clip: float | None = None, clip_x0: float | None = None):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
         self.denoiser = denoiser
         self.eta, self.min_logprob_std, self.reduction = eta, min_logprob_std, reduction
-        self.advantage_clip = advantage_clip
+        self.advantage_clip, self.clip_x0 = advantage_clip, clip_x0
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass
@@ -57,7 +57,7 @@ class _ChainLoss(LossModule):
         if k.cond is not None and td.get(k.cond, None) is not None:
             view["cond"] = td.get(k.cond)
         lp = rescore(self.denoiser, view, eta=self.eta, min_logprob_std=self.min_logprob_std,
-                     reduction=self.reduction)
+                     clip_x0=self.clip_x0, reduction=self.reduction)
         adv = td.get(k.advantage).detach()
         if adv.shape != lp.shape:
             adv = adv.reshape(lp.shape)
@@ -70,8 +70,10 @@ class ChainPPOLoss(_ChainLoss):
     """PPO-clip over chain steps (Schulman et al. 2017 eq. 7; DDPO-IS, DPPO's actor).
 
     ``-min(r A, clip(r, 1 - eps, 1 + eps) A)`` with ``r = exp(log_prob_new - log_prob_old)``,
-    averaged over the transitions. Diagnostics: ``clip_fraction``, ``approx_kl``
-    (``E[(r - 1) - log r]``, Schulman's k3 estimator), ``ratio``.
+    averaged over the transitions. ``eps`` is ``clip_epsilon``, or per transition the
+    ``clip_epsilon`` entry of the input when it has one (DPPO's clip that grows along the chain).
+    Diagnostics: ``clip_fraction``, ``approx_kl`` (``E[(r - 1) - log r]``, Schulman's k3
+    estimator), ``ratio``.
     """
 
     def __init__(self, denoiser: DenoiserBase, *, clip_epsilon: float = 0.2, **kwargs):
@@ -82,7 +84,8 @@ class ChainPPOLoss(_ChainLoss):
         lp, adv = self._log_prob_and_advantage(td)
         log_ratio = lp - td.get(self.tensor_keys.log_prob).detach()
         ratio = log_ratio.exp()
-        eps = self.clip_epsilon
+        eps = td.get("clip_epsilon", None)
+        eps = self.clip_epsilon if eps is None else eps.reshape(ratio.shape)
         objective = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
         with torch.no_grad():
             clip_fraction = ((ratio - 1).abs() > eps).float().mean()

@@ -142,11 +142,23 @@ def test_min_std_floors_exploration_noise():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_rollout_equals_the_generic_step(reduction):
+@pytest.mark.parametrize("clip_x0", [None, 0.5])
+def test_fused_rollout_equals_the_generic_step(reduction, clip_x0):
     den = _den(obs_dim=3)
-    obs, x = torch.randn(5, 3), torch.randn(5, 2)
-    kw = dict(eta=0.7, min_std=0.2, min_logprob_std=0.1, noise_clip=2.0, reduction=reduction)
-    fused = rollout(den, x, den.schedule.timesteps(6), obs, generator=torch.Generator().manual_seed(3), **kw)
-    generic = rollout(den, x, den.schedule.timesteps(6), obs, clip_x0=1e9, generator=torch.Generator().manual_seed(3), **kw)
+    obs, x = torch.randn(5, 3), torch.randn(5, 2) * 2
+    kw = dict(eta=0.7, min_std=0.2, min_logprob_std=0.1, noise_clip=2.0, reduction=reduction, clip_x0=clip_x0)
+    ts = den.schedule.timesteps(6)
+    fused = rollout(den, x, ts, obs, generator=torch.Generator().manual_seed(3), **kw)
+    gen, xk, steps = torch.Generator().manual_seed(3), x, []  # the same chain, one denoise_step at a time
+    for k in range(6):
+        out = denoise_step(den, xk, torch.full((5,), float(ts[k])), torch.full((5,), float(ts[k + 1])), obs,
+                           generator=gen, **kw)
+        steps.append(dict(x=xk, mean=out.mean, std=out.std, log_prob=out.log_prob, next_x=out.x_prev))
+        xk = out.x_prev
+    generic = {key: torch.stack([st[key] for st in steps], 1) for key in steps[0]}
+    generic[("next", "x")] = generic.pop("next_x")
+    if clip_x0 is not None:  # the clip is active somewhere, else this case tests nothing new
+        x0, _ = den.x0_eps(x, torch.full((5,), float(ts[0])), obs)
+        assert bool((x0.abs() > clip_x0).any())
     for key in ("x", "mean", "std", "log_prob", ("next", "x")):
         torch.testing.assert_close(fused[key], generic[key], rtol=1e-5, atol=1e-5)

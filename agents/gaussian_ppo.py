@@ -1,0 +1,129 @@
+"""Gaussian PPO: the unimodal baseline to DPPO, through TorchRL's ``ClipPPOLoss``.
+
+A tanh-normal policy (:func:`~diffpolicy.agents.gaussian_bc.tanh_normal_actor`), started from a
+:class:`~diffpolicy.agents.gaussian_bc.GaussianBC` trained on the same data, fine-tuned by
+PPO-clip (Schulman et al. 2017 eq. 7) with TorchRL's ``ClipPPOLoss`` and ``GAE``: a state-value
+critic, rewards divided by the running return std, advantages standardised per minibatch
+(``ClipPPOLoss(normalize_advantage=True)``). Same collectors, iterations and evaluation as the
+diffusion agents (:func:`~diffpolicy.agents.online.train_online`); evaluation takes
+``tanh(loc)``, the deterministic action of Gaussian BC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from diffpolicy.advantage import RunningReturnScaler
+
+from .base import mlp
+from .gaussian_bc import deterministic_action, tanh_normal_actor
+from .online import OnlineCheckpoint, explained_variance
+
+__all__ = ["GaussianPPO", "GaussianPPOConfig"]
+
+
+@dataclasses.dataclass
+class GaussianPPOConfig:
+    num_envs: int = 10
+    steps_per_iter: int = 250
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_epsilon: float = 0.2
+    update_epochs: int = 10
+    minibatches: int = 4
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    max_grad_norm: float | None = 1.0
+    entropy_coef: float = 0.0
+    target_kl: float | None = 1.0
+    scale_rewards: bool = True
+    hidden: int = 256
+    depth: int = 2
+    critic_hidden: int = 256
+    critic_depth: int = 3
+
+
+class GaussianPPO(OnlineCheckpoint, nn.Module):
+    name = "gaussian_ppo"
+    config_class = GaussianPPOConfig
+
+    def __init__(self, obs_dim: int, act_dim: int, config: GaussianPPOConfig | None = None, *, actor_state=None,
+                 **overrides):
+        super().__init__()
+        from torchrl.modules import ValueOperator
+        from torchrl.objectives import ClipPPOLoss
+        from torchrl.objectives.value import GAE
+
+        c = dataclasses.replace(config or GaussianPPOConfig(), **overrides)
+        self.config, self.obs_dim, self.act_dim = c, obs_dim, act_dim
+        self.actor = tanh_normal_actor(obs_dim, act_dim, c.hidden, c.depth, return_log_prob=True)
+        if actor_state is not None:
+            self.actor.load_state_dict(actor_state)
+        self.critic = ValueOperator(mlp(obs_dim, 1, c.critic_hidden, c.critic_depth, nn.Mish), in_keys=["observation"])
+        self.loss = ClipPPOLoss(self.actor, self.critic, clip_epsilon=c.clip_epsilon,
+                                entropy_bonus=c.entropy_coef > 0, entropy_coeff=c.entropy_coef,
+                                normalize_advantage=True)
+        self.gae = GAE(gamma=c.gamma, lmbda=c.gae_lambda, value_network=self.critic, average_gae=False)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
+        self.scaler = RunningReturnScaler(c.num_envs, c.gamma)
+        self.iterations = 0
+
+    @classmethod
+    def from_gaussian_bc(cls, bc, config: GaussianPPOConfig | None = None, **overrides) -> "GaussianPPO":
+        """Start from a trained :class:`~diffpolicy.agents.gaussian_bc.GaussianBC` (same network)."""
+        overrides = {"hidden": bc.config.hidden, "depth": bc.config.depth, **overrides}
+        return cls(bc.obs_dim, bc.act_dim, config, actor_state=bc.actor.state_dict(), **overrides)
+
+    def policy_module(self):
+        return self.actor  # the collector samples (ExplorationType.RANDOM) and stores the log-prob
+
+    @torch.no_grad()
+    def act(self, obs: Tensor) -> Tensor:
+        return deterministic_action(self.actor, obs)
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, td) -> dict[str, float]:
+        c = self.config
+        td = td.clone(False)
+        reward = td["next", "reward"]
+        if c.scale_rewards:
+            td["next", "reward"] = self.scaler(reward, td["next", "done"])
+        with torch.no_grad():
+            self.gae(td)
+        flat = td.reshape(-1)
+        stats: dict[str, list[float]] = {k: [] for k in ("loss_actor", "loss_critic", "clip_fraction", "approx_kl")}
+        for _ in range(c.update_epochs):
+            stop = False
+            for mb in torch.randperm(flat.shape[0]).chunk(c.minibatches):
+                out = self.loss(flat[mb])
+                loss = out["loss_objective"] + out["loss_critic"] + out.get("loss_entropy", 0.0)
+                self.actor_opt.zero_grad(set_to_none=True)
+                self.critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
+                    nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
+                self.actor_opt.step()
+                self.critic_opt.step()
+                for k, key in (("loss_actor", "loss_objective"), ("loss_critic", "loss_critic"),
+                               ("clip_fraction", "clip_fraction"), ("approx_kl", "kl_approx")):
+                    if key in out.keys():
+                        stats[k].append(float(out[key].detach()))
+                if c.target_kl is not None and stats["approx_kl"] and stats["approx_kl"][-1] > c.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        self.iterations += 1
+        with torch.no_grad():
+            v = self.critic(flat.select("observation").clone())["state_value"]
+        metrics = {k: (sum(v_) / len(v_) if v_ else 0.0) for k, v_ in stats.items()}
+        metrics.update(explained_variance=explained_variance(v.reshape(-1), flat["value_target"].reshape(-1)),
+                       reward_mean=float(reward.mean()))
+        return metrics

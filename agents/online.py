@@ -1,0 +1,334 @@
+"""Online fine-tuning of diffusion policies: the shared agent base and the training loop.
+
+:class:`OnlineChainAgent` holds what DPPO, DRWR, DAWR and QSM share: the fine-tuned copy of a
+pre-trained action denoiser (and a frozen copy for the steps that are not fine-tuned), the
+exploring chain that collects (:func:`~diffpolicy.chain.rollout`: DDPM/DDIM steps with a
+sampling-std floor, noise and x0 clipping), deterministic evaluation (the noise-free chain of
+means from a random start, DPPO's ``deterministic=True``), a state-value critic and checkpoints.
+
+:func:`train_online` runs any agent with ``policy_module()`` (a TorchRL policy that writes ``action`` and whatever its
+update needs), ``update(td [num_envs, T]) -> metrics``, ``act(obs)`` (deterministic evaluation),
+``training_state()`` / ``load_training_state()`` and ``obs_dim`` / ``act_dim`` trains here
+(:class:`~diffpolicy.agents.dppo.DPPO`). Observations are normalised with the statistics of the
+dataset the policy was pre-trained on, scores use its reference returns.
+
+With ``run_dir``: ``config.json``, ``train.csv`` (per iteration: the agent's metrics such as
+clip fraction, approx-KL and explained variance, plus environment steps and seconds),
+``eval.csv``, TensorBoard events under ``tb/`` and ``checkpoint.pt`` (every
+``checkpoint_every`` iterations and at the end). A run directory with a checkpoint resumes:
+the agent, its optimisers, the reward scaler, counters and RNGs are restored; the
+environments start fresh episodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pathlib
+import time
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffpolicy.chain import rollout
+from diffpolicy.denoiser import DenoiserBase
+from diffpolicy.samplers import prior
+
+from .base import mlp
+from .trainer import NonFiniteLossError, _atomic_save, _Logger, _rng_state, _set_rng_state, _set_seed
+
+__all__ = ["OnlineChainConfig", "OnlineChainAgent", "OnlineCheckpoint", "OnlineConfig", "train_online", "check_policy_shapes",
+           "explained_variance"]
+
+
+@dataclasses.dataclass
+class OnlineChainConfig:
+    """Collection and chain settings shared by the online agents (DPPO's Gym values, App. D,
+    with CPU-sized collection: their 40 envs x 500 steps)."""
+
+    num_envs: int = 10                  # parallel environments (TorchRL SerialEnv)
+    steps_per_iter: int = 250           # environment steps per env per iteration
+    ft_steps: int | None = None         # K': fine-tuned last denoising steps (None: all K)
+    eta: float = 1.0                    # 1: DDPM steps; < 1: DDIM(eta) steps
+    min_sampling_std: float = 0.1       # exploration-noise floor of every step
+    min_logprob_std: float = 0.1        # std floor in the log-probs (bounds PPO ratios)
+    noise_clip: float | None = 3.0      # step noise clipped to +- noise_clip std
+    clip_x0: float | None = 1.0         # x0 prediction clipped to [-1, 1]
+    gamma: float = 0.99                 # environment discount
+    gae_lambda: float = 0.95
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    max_grad_norm: float | None = 1.0
+    critic_hidden: int = 256
+    critic_depth: int = 3
+
+
+def explained_variance(pred: Tensor, target: Tensor) -> float:
+    """``1 - Var[target - pred] / Var[target]`` (nan when the target is constant)."""
+    var = target.var()
+    return float("nan") if float(var) == 0 else float(1 - (target - pred).var() / var)
+
+
+class OnlineCheckpoint:
+    """``training_state`` / ``load_training_state`` of an online agent with ``actor_opt``, ``critic_opt``
+    and ``iterations``; subclasses add their own state (e.g. a reward scaler) with ``_extra_state``."""
+
+    def _extra_state(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if hasattr(self, "scaler") else {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        if hasattr(self, "scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def training_state(self) -> dict:
+        return {"model": self.state_dict(), "actor_opt": self.actor_opt.state_dict(),
+                "critic_opt": self.critic_opt.state_dict(), "iterations": self.iterations, **self._extra_state()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.load_state_dict(state["model"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.iterations = state["iterations"]
+        self._load_extra_state(state)
+
+
+class OnlineChainAgent(OnlineCheckpoint, nn.Module):
+    """A pre-trained diffusion policy being fine-tuned online; subclasses define ``update``.
+
+    ``actor`` is a state-conditioned action denoiser (``cond = observation``, actions in
+    ``[-1, 1]``), e.g. a :class:`~diffpolicy.agents.diffusion_bc.DiffusionBC`'s EMA model
+    (:meth:`from_diffusion_bc`); ``diffusion_steps`` is the ``K`` of its chain. The last
+    ``ft_steps`` steps run the fine-tuned ``self.actor``, the earlier ones the frozen ``self.base``.
+    """
+
+    name = "online"
+    config_class = OnlineChainConfig
+
+    def __init__(self, actor: DenoiserBase, obs_dim: int, act_dim: int, diffusion_steps: int, config=None,
+                 **overrides):
+        super().__init__()
+        c = dataclasses.replace(config or self.config_class(), **overrides)
+        K = diffusion_steps
+        ft = K if c.ft_steps is None else c.ft_steps
+        if not 1 <= ft <= K:
+            raise ValueError(f"ft_steps must be in [1, {K}] (the chain has {K} steps), got {c.ft_steps}")
+        self.config, self.obs_dim, self.act_dim, self.K, self.ft = c, obs_dim, act_dim, K, ft
+        self.actor = copy.deepcopy(actor).requires_grad_(True)
+        self.base = copy.deepcopy(actor).requires_grad_(False)
+        self.register_buffer("ts", torch.as_tensor(actor.schedule.timesteps(K), dtype=torch.float64))
+        self.critic = self.build_critic()
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
+        self.iterations = 0
+
+    def build_critic(self) -> nn.Module:
+        """A state-value critic ``V(s)`` (TorchRL ``ValueOperator``, Mish MLP); QSM overrides it with a ``Q(s, a)``."""
+        from torchrl.modules import ValueOperator
+
+        c = self.config
+        return ValueOperator(mlp(self.obs_dim, 1, c.critic_hidden, c.critic_depth, nn.Mish), in_keys=["observation"])
+
+    @classmethod
+    def from_diffusion_bc(cls, bc, config=None, **overrides):
+        """Start from a trained :class:`~diffpolicy.agents.diffusion_bc.DiffusionBC` (its EMA weights)."""
+        return cls(bc.ema.module, bc.obs_dim, bc.act_dim, bc.config.diffusion_steps, config, **overrides)
+
+    # ------------------------------------------------------------------ acting
+    def _chain(self, obs: Tensor, *, deterministic: bool, generator=None) -> TensorDict:
+        c = self.config
+        x = prior(self.actor, (obs.shape[0], self.act_dim), generator=generator, device=obs.device)
+        return rollout(self.actor, x, self.ts, cond=obs, eta=c.eta, min_std=0.0 if deterministic else c.min_sampling_std,
+                       min_logprob_std=c.min_logprob_std,
+                       noise_clip=0.0 if deterministic else c.noise_clip,  # zero noise: the chain of means
+                       clip_x0=c.clip_x0, reduction=None if deterministic else "mean", train_steps=self.ft,
+                       frozen=self.base, generator=generator)
+
+    @torch.no_grad()
+    def explore(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(action [B, A], chain_x [B, K'+1, A], chain_log_prob [B, K'])`` for collection."""
+        td = self._chain(obs, deterministic=False)
+        ft = self.ft
+        chain_x = torch.cat([td["x"][:, -ft:], td["next", "x"][:, -1:]], 1)
+        return chain_x[:, -1].clamp(-1.0, 1.0), chain_x, td["log_prob"][:, -ft:]
+
+    @torch.no_grad()
+    def act(self, obs: Tensor) -> Tensor:
+        """Deterministic evaluation action (the noise-free chain), in ``[-1, 1]``."""
+        return self._chain(obs, deterministic=True)["next", "x"][:, -1].clamp(-1.0, 1.0)
+
+    def reset(self) -> None:  # no per-episode state (single-step actions)
+        pass
+
+    def policy_module(self) -> TensorDictModule:
+        """The collection policy for a TorchRL collector: ``observation -> action, chain_x, chain_log_prob``."""
+        return TensorDictModule(_Explore(self), in_keys=["observation"],
+                                out_keys=["action", "chain_x", "chain_log_prob"])
+
+    # ------------------------------------------------------------------ learning helpers
+    def update(self, td) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _step(self, opt: torch.optim.Optimizer, loss: Tensor, params) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        opt.step()
+
+    def critic_step(self, obs: Tensor, value_target: Tensor) -> Tensor:
+        """One regression step of ``V(s)`` to ``value_target``: ``0.5 (V - target)^2``."""
+        v = self.critic(TensorDict({"observation": obs}, batch_size=obs.shape[:1]))["state_value"]
+        loss = 0.5 * (v - value_target.reshape(v.shape)).pow(2).mean()
+        self._step(self.critic_opt, loss, self.critic.parameters())
+        return loss.detach()
+
+    def fit_weighted(self, obs: Tensor, actions: Tensor, weights: Tensor, epochs: int, batch_size: int) -> float:
+        """Weighted diffusion regression of the actor on ``(obs, actions)`` (DRWR / DAWR's update);
+        ``epochs`` passes in minibatches of ``batch_size`` (the last partial one dropped, as DPPO's
+        code does). Returns the mean loss."""
+        from diffpolicy.chain_losses import RewardWeightedLoss
+
+        loss_fn = RewardWeightedLoss(self.actor)
+        n, losses = obs.shape[0], []
+        nb = max(1, n // batch_size)
+        for _ in range(epochs):
+            perm = torch.randperm(n)
+            for b in range(nb):
+                idx = perm[b * batch_size:(b + 1) * batch_size]
+                td = TensorDict({"observation": obs[idx], "action": actions[idx], "weight": weights[idx]},
+                                batch_size=[len(idx)])
+                loss = loss_fn(td)["loss_diffusion"]
+                self._step(self.actor_opt, loss, self.actor.parameters())
+                losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def value_explained_variance(self, obs: Tensor, value_target: Tensor) -> float:
+        v = self.critic(TensorDict({"observation": obs}, batch_size=obs.shape[:1]))["state_value"]
+        return explained_variance(v.reshape(-1), value_target.reshape(-1))
+
+class _Explore(nn.Module):
+    def __init__(self, agent: OnlineChainAgent):
+        super().__init__()
+        self.agent = [agent]  # not a submodule: the collector must not copy or move the agent
+
+    def forward(self, obs: Tensor):
+        batch = obs.shape[:-1]
+        action, chain_x, lp = self.agent[0].explore(obs.reshape(-1, obs.shape[-1]))
+        return (action.reshape(*batch, -1), chain_x.reshape(*batch, *chain_x.shape[1:]), lp.reshape(*batch, -1))
+
+
+@dataclasses.dataclass
+class OnlineConfig:
+    env_steps: int = 500_000       # total environment steps (over all envs)
+    eval_every: int = 10           # iterations between evaluations (and at the end)
+    eval_episodes: int = 10
+    eval_seed: int = 10_000        # evaluation episodes are seeded apart from training ones
+    checkpoint_every: int = 5      # iterations between checkpoints
+    seed: int = 0
+
+
+def check_policy_shapes(agent, env_id: str, env) -> None:
+    """A clear error before any training when the policy's shapes are not the env's."""
+    obs_shape = tuple(env.observation_spec["observation"].shape[-1:])
+    act_shape = tuple(env.action_spec.shape[-1:])
+    if obs_shape != (agent.obs_dim,) or act_shape != (agent.act_dim,):
+        raise ValueError(f"the policy is for observations of shape ({agent.obs_dim},) and actions of shape "
+                         f"({agent.act_dim},), but {env_id} has observations {obs_shape} and actions {act_shape}: "
+                         f"use a checkpoint trained on {env_id} data")
+
+
+def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, run_dir=None,
+                 progress: bool = True) -> dict:
+    """Train ``agent`` on ``env_id`` for ``cfg.env_steps`` environment steps; returns the eval history."""
+    from torchrl.collectors import Collector
+
+    from diffpolicy.envs.factory import evaluate, make_env
+
+    cfg = cfg or OnlineConfig()
+    a = agent.config
+    run_path = pathlib.Path(run_dir) if run_dir is not None else None
+    ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
+    frames = a.num_envs * a.steps_per_iter
+    iterations = -(-cfg.env_steps // frames)
+    _set_seed(cfg.seed)
+    run_config = json.loads(json.dumps({"agent": agent.name, "agent_config": dataclasses.asdict(a),
+                                        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "env_steps"},
+                                        "dataset": getattr(data, "dataset_id", None), "env_id": env_id}, default=str))
+    state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
+    if ckpt_path is not None and ckpt_path.exists():
+        old = json.loads((run_path / "config.json").read_text())
+        if {k: v for k, v in old.items() if k != "env_steps"} != run_config:
+            diff = sorted(k for k in run_config if old.get(k) != run_config[k])
+            raise ValueError(f"{run_path} holds a run with a different configuration ({', '.join(diff)} differ); "
+                             "resume it with the same settings or use a new run_dir")
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        agent.load_training_state(saved["agent"])
+        state = saved["state"]
+        _set_rng_state(saved["rng"])
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "config.json").write_text(json.dumps({**run_config, "env_steps": cfg.env_steps}, indent=1))
+
+    env = make_env(env_id, num_envs=a.num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std)
+    check_policy_shapes(agent, env_id, env)
+    env.set_seed(cfg.seed + 1000 * state["iteration"])
+    collector = Collector(env, agent.policy_module(), frames_per_batch=frames, total_frames=-1,
+                          auto_register_policy_transforms=False)
+    logger = _Logger(run_path, resume_step=state["env_steps"])
+    score_fn = data.normalized_score if getattr(data, "ref_min_score", None) is not None else None
+
+    def run_eval():
+        with torch.random.fork_rng():
+            res = evaluate(agent.act, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed, obs_loc=data.obs_mean,
+                           obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset)
+        rec = {"iteration": state["iteration"], "env_steps": state["env_steps"], "return_mean": res.return_mean,
+               "return_std": res.return_std, "score_mean": res.score_mean, "score_std": res.score_std}
+        state["history"].append(rec)
+        logger.write("eval", state["env_steps"], {k: v for k, v in rec.items() if k != "env_steps"})
+        return rec
+
+    def checkpoint():
+        if ckpt_path is not None:
+            _atomic_save({"agent": agent.training_state(), "state": state, "rng": _rng_state()}, ckpt_path)
+
+    bar = tqdm(total=iterations, initial=state["iteration"], desc=agent.name, unit="iter", disable=not progress)
+    try:
+        if state["iteration"] == 0 and not state["history"]:
+            run_eval()  # the starting policy's score
+        it = iter(collector)
+        while state["iteration"] < iterations:
+            t0 = time.perf_counter()
+            td = next(it)
+            t_collect = time.perf_counter() - t0
+            metrics = agent.update(td)
+            bad = [k for k, v in metrics.items() if not torch.isfinite(torch.tensor(float(v)))]
+            if bad:
+                raise NonFiniteLossError(f"{agent.name}: {', '.join(bad)} non-finite at iteration "
+                                         f"{state['iteration'] + 1}; the last checkpoint ({ckpt_path}) is kept")
+            collector.update_policy_weights_()
+            seconds = time.perf_counter() - t0
+            state["iteration"] += 1
+            state["env_steps"] += td.numel()
+            state["train_seconds"] += seconds
+            logger.write("train", state["env_steps"], {**metrics, "iteration": state["iteration"],
+                                                       "seconds_per_iter": seconds, "collect_seconds": t_collect})
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3g}",
+                            kl=f"{metrics.get('approx_kl', float('nan')):.2g}", refresh=False)
+            last = state["iteration"] == iterations
+            if state["iteration"] % cfg.eval_every == 0 or last:
+                rec = run_eval()
+                bar.set_postfix(score=f"{rec['score_mean']:.1f}", return_=f"{rec['return_mean']:.0f}")
+            if state["iteration"] % cfg.checkpoint_every == 0 or last:
+                checkpoint()
+    finally:
+        bar.close()
+        logger.close()
+        collector.shutdown()
+    return {"history": state["history"], "env_steps": state["env_steps"], "iterations": state["iteration"],
+            "train_seconds": state["train_seconds"]}

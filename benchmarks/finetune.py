@@ -1,0 +1,347 @@
+"""Online fine-tuning benchmark: DPPO, DRWR, DAWR and Gaussian PPO from the same pre-trained
+policies, stable-baselines3 PPO and SAC from scratch, on one environment-step budget.
+
+The pre-trained policies are a diffusion BC (for the diffusion methods) and a Gaussian BC (for
+Gaussian PPO), trained by :func:`~diffpolicy.agents.trainer.train_offline` on the local
+``--quality`` dataset of ``--env`` (made or reused as in ``benchmarks/offline.py``), or given
+with ``--pretrained`` / ``--gaussian-pretrained`` (``checkpoint.pt`` of such runs). Every
+(method, seed) run has its own directory ``<runs>/<env>/<method>/seed<k>/`` (checkpoints,
+CSV/TensorBoard logs; not committed) and writes ``benchmarks/results/finetune_runs/<env>/<method>/seed<k>.json``
+(committed) when it finishes; the table is assembled from whatever results exist, so a sweep
+continues where it stopped (an unfinished run resumes from its checkpoint).
+
+Reported per method: D4RL-normalised score (deterministic evaluation on ``--eval-episodes``
+episodes) against environment steps (PNG: mean ± std over seeds), the score at 25 / 50 / 100 %
+of the budget, and wall-clock seconds per iteration (collection + update). Also, measured in
+this process: ``dppo_rollout_ratio_vs_bare``, the time of one DPPO collection iteration (chain
+machinery: rollout with log-probs, std floors, clipping, TorchRL collector) against the same
+iteration whose policy makes the same ``K`` bare network forwards.
+
+Usage::
+
+    python benchmarks/finetune.py --quick                           # smoke run, minutes
+    python benchmarks/finetune.py --env-steps 500000 --seeds 0 1 2  # the full Hopper-v5 run
+    python benchmarks/finetune.py --assemble                        # table from finished runs only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+DIFFUSION_METHODS = ["dppo", "drwr", "dawr"]
+METHODS = DIFFUSION_METHODS + ["gaussian_ppo", "sb3_ppo", "sb3_sac"]
+
+
+def pretrain(name: str, data, steps: int, run_root: Path, seed: int, progress: bool):
+    """The BC policy ``name`` trained for ``steps`` on ``data`` (resumed / reused from ``run_root``)."""
+    from diffpolicy.agents import make_agent
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+
+    torch.manual_seed(seed)
+    agent = make_agent(name, data.obs_dim, data.act_dim)
+    cfg = TrainConfig(steps=steps, eval_every=steps, eval_episodes=10, seed=seed, log_every=max(1, min(1000, steps // 10)))
+    train_offline(agent, data, cfg, run_dir=run_root / "pretrain" / name, progress=progress)
+    return agent
+
+
+def load_pretrained(name: str, path: str, data):
+    from diffpolicy.agents import make_agent
+
+    agent = make_agent(name, data.obs_dim, data.act_dim)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    agent.load_state_dict(saved["agent"] if "agent" in saved else saved)
+    return agent
+
+
+def make_method(name: str, bc, gbc, args):
+    from diffpolicy.agents.dawr import DAWR
+    from diffpolicy.agents.dppo import DPPO
+    from diffpolicy.agents.drwr import DRWR
+    from diffpolicy.agents.gaussian_ppo import GaussianPPO
+
+    common = dict(num_envs=args.num_envs, steps_per_iter=args.steps_per_iter)
+    if name == "gaussian_ppo":
+        return GaussianPPO.from_gaussian_bc(gbc, **common)
+    cls = {"dppo": DPPO, "drwr": DRWR, "dawr": DAWR}[name]
+    return cls.from_diffusion_bc(bc, **common)
+
+
+def run_sb3(name: str, env_id: str, data, seed: int, args, run_dir: Path) -> dict:
+    """SB3 PPO or SAC from scratch on the same normalised-action env, evaluated like the others
+    (deterministic actions, the same episodes); resumes from ``run_dir/model.zip``."""
+    from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    import gymnasium as gym
+    from gymnasium.wrappers import RescaleAction
+
+    from diffpolicy.envs.factory import evaluate
+
+    algo = {"sb3_ppo": PPO, "sb3_sac": SAC}[name]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path, hist_path = run_dir / "model.zip", run_dir / "history.json"
+    env = RescaleAction(gym.make(env_id), -1.0, 1.0)  # SB3 clips to the (bounded) box itself
+    if model_path.exists() and hist_path.exists():
+        model = algo.load(model_path, env=env)
+        state = json.loads(hist_path.read_text())
+    else:
+        kw = {"learning_starts": min(5000, args.env_steps // 10)} if algo is SAC else {}
+        model = algo("MlpPolicy", env, seed=seed, verbose=0, **kw)
+        state = {"history": [], "train_seconds": 0.0}
+    every = args.num_envs * args.steps_per_iter * args.eval_every
+
+    def score(returns):
+        return data.normalized_score(returns)
+
+    def run_eval(step):
+        res = evaluate(lambda o: torch.as_tensor(model.predict(o.numpy(), deterministic=True)[0]), env_id,
+                       episodes=args.eval_episodes, seed=10_000, score_fn=score)
+        state["history"].append({"env_steps": step, "score_mean": res.score_mean, "score_std": res.score_std,
+                                 "return_mean": res.return_mean})
+        model.save(model_path)
+        hist_path.write_text(json.dumps(state))
+
+    class Eval(BaseCallback):
+        def _on_step(self):
+            if self.num_timesteps % every == 0:
+                state["train_seconds"] += time.perf_counter() - self.t0
+                run_eval(self.num_timesteps)
+                self.t0 = time.perf_counter()
+            return True
+
+        def _on_training_start(self):
+            self.t0 = time.perf_counter()
+
+    if not state["history"]:
+        run_eval(0)
+    done = model.num_timesteps
+    if done < args.env_steps:
+        model.learn(args.env_steps - done, callback=Eval(), reset_num_timesteps=False,
+                    progress_bar=False)
+    if state["history"][-1]["env_steps"] != model.num_timesteps:
+        run_eval(model.num_timesteps)
+    iters = max(1, model.num_timesteps // (args.num_envs * args.steps_per_iter))
+    return {"history": state["history"], "seconds_per_iter": state["train_seconds"] / iters,
+            "env_steps": model.num_timesteps}
+
+
+def run_one(name: str, env_id: str, data, bc, gbc, seed: int, args, run_root: Path, result_root: Path) -> dict:
+    from diffpolicy.agents.online import OnlineConfig, train_online
+
+    result_path = result_root / name / f"seed{seed}.json"
+    if result_path.exists():
+        old = json.loads(result_path.read_text())
+        if old["env_steps"] >= args.env_steps:
+            return old
+    run_dir = run_root / name / f"seed{seed}"
+    if name.startswith("sb3_"):
+        out = run_sb3(name, env_id, data, seed, args, run_dir)
+        history = out["history"]
+    else:
+        torch.manual_seed(seed)
+        agent = make_method(name, bc, gbc, args)
+        cfg = OnlineConfig(env_steps=args.env_steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                           checkpoint_every=args.eval_every, seed=seed)
+        res = train_online(agent, env_id, data, cfg, run_dir=run_dir, progress=not args.no_progress)
+        history = res["history"]
+        out = {"env_steps": res["env_steps"], "seconds_per_iter": res["train_seconds"] / max(1, res["iterations"])}
+    result = {"env": env_id, "method": name, "seed": seed, "env_steps": out["env_steps"],
+              "scores": [h["score_mean"] for h in history], "steps": [h["env_steps"] for h in history],
+              "final_score": history[-1]["score_mean"], "seconds_per_iter": out["seconds_per_iter"],
+              "num_envs": args.num_envs, "steps_per_iter": args.steps_per_iter}
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, result_path)
+    return result
+
+
+def rollout_ratio(bc, data, env_id: str, num_envs: int, steps: int, rounds: int = 3) -> dict:
+    """One DPPO collection iteration (``num_envs x steps`` env steps) against the same with bare forwards."""
+    from tensordict.nn import TensorDictModule
+    from torchrl.collectors import Collector
+
+    from diffpolicy.agents.dppo import DPPO
+    from diffpolicy.envs.factory import make_env
+
+    agent = DPPO.from_diffusion_bc(bc, num_envs=num_envs, steps_per_iter=steps)
+    net, K = agent.actor.net, agent.K
+    ts = agent.ts[:-1].float()
+
+    class Bare(torch.nn.Module):  # the same K network forwards, no chain machinery
+        @torch.no_grad()
+        def forward(self, obs):
+            x = torch.randn(obs.shape[0], agent.act_dim)
+            for k in range(K):
+                x = net(x, ts[k].expand(obs.shape[0]), obs)
+            return x.clamp(-1, 1)
+
+    policies = {"dppo": agent.policy_module(),
+                "bare": TensorDictModule(Bare(), in_keys=["observation"], out_keys=["action"])}
+    times = {k: [] for k in policies}
+    for _ in range(rounds):
+        for k, pol in policies.items():
+            env = make_env(env_id, num_envs=num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std)
+            env.set_seed(0)
+            col = Collector(env, pol, frames_per_batch=num_envs * steps, total_frames=-1,
+                            auto_register_policy_transforms=False)
+            it = iter(col)
+            t = time.perf_counter()
+            next(it)
+            times[k].append(time.perf_counter() - t)
+            col.shutdown()
+    best = {k: min(v) for k, v in times.items()}
+    return {"ratio": best["dppo"] / best["bare"], "dppo_seconds": best["dppo"], "bare_seconds": best["bare"],
+            "num_envs": num_envs, "steps": steps, "denoising_steps": K}
+
+
+def assemble(result_root: Path, env_id: str, methods, budget: int) -> dict:
+    results, curves = {}, {}
+    for m in methods:
+        runs = [json.loads(p.read_text()) for p in sorted((result_root / m).glob("seed*.json"))]
+        runs = [r for r in runs if r["env_steps"] >= budget]
+        if not runs:
+            continue
+        finals = [r["final_score"] for r in runs]
+        n = min(len(r["scores"]) for r in runs)
+        x = runs[0]["steps"][:n]
+        mean = [statistics.fmean(r["scores"][i] for r in runs) for i in range(n)]
+        std = [statistics.pstdev([r["scores"][i] for r in runs]) if len(runs) > 1 else 0.0 for i in range(n)]
+
+        def at(frac):
+            target = frac * budget
+            i = min(range(n), key=lambda j: abs(x[j] - target))
+            return mean[i]
+
+        results[m] = {"scores": mean, "scores_std": std, "env_steps": x, "final_score_mean": statistics.fmean(finals),
+                      "final_score_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+                      "seconds_per_iter": statistics.fmean(r["seconds_per_iter"] for r in runs),
+                      "at_25": at(0.25), "at_50": at(0.5), "seeds": [r["seed"] for r in runs]}
+        curves[m] = (x, mean, std)
+    start = [results[m]["scores"][0] for m in DIFFUSION_METHODS if m in results]
+    return {"env": env_id, "start_score": statistics.fmean(start) if start else None, "results": results}
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    res = report["results"]
+    lines = [f"# Online fine-tuning: {report['env']} (D4RL-normalised score, mean ± std over seeds)", ""]
+    if report.get("start_score") is not None:
+        lines.append(f"Pre-trained diffusion BC (deterministic evaluation): {report['start_score']:.1f}\n")
+    lines.append("| method | 25% budget | 50% budget | final | s / iteration | seeds |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for m, r in res.items():
+        lines.append(f"| {m} | {r['at_25']:.1f} | {r['at_50']:.1f} | {r['final_score_mean']:.1f} ± "
+                     f"{r['final_score_std']:.1f} | {r['seconds_per_iter']:.2f} | {len(r['seeds'])} |")
+    lines.append("\n" + report.get("budget", ""))
+    if "dppo_rollout_ratio_vs_bare" in report:
+        rr = report["rollout"]
+        lines.append(f"\ndppo_rollout_ratio_vs_bare: {report['dppo_rollout_ratio_vs_bare']:.3f} ({rr['dppo_seconds']:.2f} s "
+                     f"vs {rr['bare_seconds']:.2f} s per {rr['num_envs']}x{rr['steps']}-step collection, "
+                     f"K={rr['denoising_steps']}; target <= 1.3)")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, r in res.items():
+            x, y, s = r["env_steps"], r["scores"], r["scores_std"]
+            ax.plot(x, y, label=m, marker="o", ms=3)
+            ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.15)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("normalised score")
+        ax.set_title(f"{report['env']}: fine-tuning")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=110)
+        plt.close(fig)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--env", default="Hopper-v5")
+    p.add_argument("--quality", default="medium")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--env-steps", type=int, default=500_000, help="environment steps per run")
+    p.add_argument("--num-envs", type=int, default=10)
+    p.add_argument("--steps-per-iter", type=int, default=250, help="env steps per env per iteration")
+    p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--pretrain-steps", type=int, default=100_000, help="gradient steps of the BC policies")
+    p.add_argument("--pretrained", default=None, help="checkpoint.pt of a diffusion_bc run to start from")
+    p.add_argument("--gaussian-pretrained", default=None, help="checkpoint.pt of a gaussian_bc run")
+    p.add_argument("--transitions", type=int, default=200_000)
+    p.add_argument("--behaviour-steps", type=int, default=150_000)
+    p.add_argument("--runs", default=None, help="run directories (default benchmarks/runs/finetune/<env>)")
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/finetune)")
+    p.add_argument("--quick", action="store_true", help="smoke run: Pendulum-v1, tiny budgets, one seed")
+    p.add_argument("--assemble", action="store_true", help="only rebuild the table from finished runs")
+    p.add_argument("--no-rollout-ratio", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    given = argv if argv is not None else sys.argv
+    torch.set_num_threads(1)
+    if args.quick:
+        args.env = args.env if "--env" in given else "Pendulum-v1"
+        args.seeds = args.seeds if "--seeds" in given else [0]
+        args.env_steps, args.num_envs, args.steps_per_iter, args.eval_every, args.eval_episodes = 2000, 4, 100, 2, 3
+        args.pretrain_steps, args.transitions, args.behaviour_steps = 500, 20_000, 6_000
+        args.quality = args.quality if "--quality" in given else "medium-replay"
+    tag = "finetune_quick" if args.quick else "finetune"
+    out = Path(args.out) if args.out else ROOT / "results" / tag
+    run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag / args.env
+    result_root = out.parent / f"{out.name}_runs" / args.env
+    budget = (f"Budget: {args.env_steps} environment steps per run ({args.num_envs} envs x {args.steps_per_iter} steps "
+              f"per iteration), evaluation every {args.eval_every} iterations on {args.eval_episodes} episodes; "
+              f"pre-trained BC: {args.pretrain_steps} gradient steps on {args.env} {args.quality}; seeds {args.seeds}.")
+
+    from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
+
+    make_dataset(args.env, args.quality, n_transitions=args.transitions, behaviour_steps=args.behaviour_steps,
+                 behaviour_eval_every=max(1000, args.behaviour_steps // 15), progress=not args.no_progress)
+    data = OfflineData.from_minari(load_dataset(dataset_id(args.env, args.quality), download=False))
+    needs_bc = any(m in DIFFUSION_METHODS for m in args.methods) or not args.no_rollout_ratio
+    bc = gbc = None
+    if not args.assemble and needs_bc:
+        bc = (load_pretrained("diffusion_bc", args.pretrained, data) if args.pretrained
+              else pretrain("diffusion_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress))
+    if not args.assemble and "gaussian_ppo" in args.methods:
+        gbc = (load_pretrained("gaussian_bc", args.gaussian_pretrained, data) if args.gaussian_pretrained
+               else pretrain("gaussian_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress))
+    report = {}
+    if not args.assemble:
+        for seed in args.seeds:
+            for m in args.methods:
+                t = time.time()
+                r = run_one(m, args.env, data, bc, gbc, seed, args, run_root, result_root)
+                print(f"[{m} seed {seed}] final score {r['final_score']:.1f} ({time.time() - t:.0f} s)", flush=True)
+                write_outputs({**assemble(result_root, args.env, args.methods, args.env_steps), "budget": budget}, out)
+        if not args.no_rollout_ratio:
+            rr = rollout_ratio(bc, data, args.env, args.num_envs, min(args.steps_per_iter, 100))
+            report["rollout"], report["dppo_rollout_ratio_vs_bare"] = rr, rr["ratio"]
+    elif out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        report.update({k: old[k] for k in ("rollout", "dppo_rollout_ratio_vs_bare") if k in old})
+    report = {**assemble(result_root, args.env, args.methods, args.env_steps), "budget": budget, **report}
+    write_outputs(report, out)
+    print(out.with_suffix(".md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

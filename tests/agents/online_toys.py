@@ -1,0 +1,37 @@
+"""A one-step gymnasium task for the online agents' learning tests."""
+import types
+
+import gymnasium as gym
+import numpy as np
+
+from diffpolicy.envs.factory import evaluate
+
+
+class TargetEnv(gym.Env):
+    """One-step task: observe a target in [-0.8, 0.8], reward ``1 - |a - target|``."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.target = self.np_random.uniform(-0.8, 0.8, size=1).astype(np.float32)
+        return self.target.copy(), {}
+
+    def step(self, action):
+        r = 1.0 - float(np.abs(np.asarray(action, dtype=np.float64) - self.target).sum())
+        return self.target.copy(), r, True, False, {}
+
+
+TARGET_ID = "DiffpolicyTestTarget-v0"
+if TARGET_ID not in gym.registry:
+    gym.register(id=TARGET_ID, entry_point=TargetEnv, max_episode_steps=1)
+NO_DATA = types.SimpleNamespace(obs_mean=np.zeros(1, np.float32), obs_std=np.ones(1, np.float32),
+                                ref_min_score=None, dataset_id=None)
+
+
+def mean_error(agent, episodes: int = 64) -> float:
+    """``E|a - target|`` of the agent's deterministic action on fixed evaluation episodes."""
+    res = evaluate(agent.act, TARGET_ID, episodes=episodes, seed=123, obs_loc=NO_DATA.obs_mean,
+                   obs_scale=NO_DATA.obs_std)
+    return 1.0 - res.return_mean

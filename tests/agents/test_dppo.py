@@ -1,0 +1,125 @@
+"""DPPO: the clip schedule, reward scaling, collection log-probs, learning on a tiny task, resume, bad input."""
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+from diffpolicy.advantage import RunningReturnScaler
+from diffpolicy.agents.diffusion_bc import DiffusionBC
+from diffpolicy.agents.dppo import DPPO, dppo_clip_schedule
+from diffpolicy.agents.online import explained_variance
+from diffpolicy.agents.online import OnlineConfig, train_online
+from diffpolicy.chain import rescore
+from online_toys import NO_DATA, TARGET_ID, mean_error
+
+
+def _agent(seed=0, **overrides):
+    torch.manual_seed(seed)
+    bc = DiffusionBC(1, 1, hidden=64, depth=2)
+    settings = dict(num_envs=8, steps_per_iter=32, update_epochs=4, minibatches=2, actor_lr=3e-3,
+                    clip_epsilon=0.2, clip_epsilon_base=0.1, min_sampling_std=0.1, min_logprob_std=0.1)
+    return DPPO.from_diffusion_bc(bc, **{**settings, **overrides})
+
+
+def test_clip_schedule_closed_form():
+    eps = dppo_clip_schedule(10, 0.01, 1e-3, 3.0)
+    u = np.arange(10) / 9
+    np.testing.assert_allclose(eps.numpy(), 1e-3 + (0.01 - 1e-3) * (np.exp(3 * u) - 1) / (math.e**3 - 1))
+    assert float(eps[0]) == pytest.approx(1e-3) and float(eps[-1]) == pytest.approx(0.01)
+    np.testing.assert_allclose(dppo_clip_schedule(3, 0.2, 0.1, 0.0).numpy(), [0.1, 0.15, 0.2])
+    assert dppo_clip_schedule(1, 0.01, 1e-3, 3.0).tolist() == [0.01]
+
+
+def test_running_return_scaler_by_hand():
+    gen = torch.Generator().manual_seed(0)
+    r1, r2 = torch.randn(2, 3, generator=gen), torch.randn(2, 4, generator=gen)
+    d1 = torch.tensor([[False, True, False], [False, False, False]])
+    d2 = torch.zeros(2, 4, dtype=torch.bool)
+    sc = RunningReturnScaler(2, gamma=0.9)
+    sc(r1, d1)
+    out = sc(r2, d2)
+    # discounted returns by hand, carried across the two calls and cut after each done
+    rets, G = [], np.zeros(2)
+    for r, d in ((r1.numpy(), d1.numpy()), (r2.numpy(), d2.numpy())):
+        for k in range(r.shape[1]):
+            G = 0.9 * G + r[:, k]
+            rets += list(G)
+            G = np.where(d[:, k], 0.0, G)
+    np.testing.assert_allclose(out.numpy(), r2.numpy() / np.sqrt(np.var(rets) + 1e-8), rtol=1e-5)
+    with pytest.raises(ValueError, match="num_envs=2"):
+        sc(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.bool))
+
+
+def test_collected_log_probs_are_the_fine_tuned_steps_scores():
+    agent = _agent(ft_steps=3)
+    obs = torch.randn(16, 1)
+    action, chain_x, lp = agent.explore(obs)
+    assert chain_x.shape == (16, 4, 1) and lp.shape == (16, 3) and action.shape == (16, 1)
+    torch.testing.assert_close(action, chain_x[:, -1].clamp(-1, 1))
+    K = agent.K
+    # the transitions of the last 3 steps, rescored in one call, give the stored (old) log-probs
+    td = TensorDict({"x": chain_x[:, :-1], ("next", "x"): chain_x[:, 1:],
+                     "t": agent.ts[K - 3:K].float().expand(16, 3), "s": agent.ts[K - 2:].float().expand(16, 3),
+                     "cond": obs[:, None].expand(16, 3, 1)}, batch_size=[16, 3])
+    c = agent.config
+    torch.testing.assert_close(rescore(agent.actor, td, eta=c.eta, min_logprob_std=c.min_logprob_std,
+                                       clip_x0=c.clip_x0), lp, rtol=1e-4, atol=1e-4)
+    # deterministic evaluation (DPPO's): a random start, then every step lands on its mean
+    chain = agent._chain(obs, deterministic=True)
+    torch.testing.assert_close(chain["next", "x"], chain["mean"])
+    torch.manual_seed(5)
+    a1 = agent.act(obs)
+    torch.manual_seed(5)
+    torch.testing.assert_close(a1, agent._chain(obs, deterministic=True)["next", "x"][:, -1].clamp(-1, 1))
+    explored = agent._chain(obs, deterministic=False)
+    assert not torch.allclose(explored["next", "x"], explored["mean"])
+    with pytest.raises(ValueError, match=r"ft_steps must be in \[1, 5\]"):
+        _agent(ft_steps=6)
+
+
+def test_explained_variance():
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert explained_variance(y, y) == 1.0 and explained_variance(torch.zeros(4), y) == pytest.approx(1 - 1.0)
+    assert math.isnan(explained_variance(y, torch.ones(4)))
+
+
+def test_dppo_learns_a_one_step_task(tmp_path):
+    agent = _agent()
+    before = mean_error(agent)
+    out = train_online(agent, TARGET_ID, NO_DATA, OnlineConfig(env_steps=256 * 25, eval_every=25, eval_episodes=8),
+                       run_dir=tmp_path, progress=False)
+    after = mean_error(agent)
+    assert out["iterations"] == 25 and out["env_steps"] == 256 * 25
+    assert before > 0.5 and after < 0.15, (before, after)  # ~0.86 -> ~0.02; with actor_lr=0 it stays ~1
+    header = (tmp_path / "train.csv").read_text().splitlines()[0]
+    for key in ("clip_fraction", "approx_kl", "explained_variance", "seconds_per_iter"):
+        assert key in header
+    assert (tmp_path / "tb").is_dir() and (tmp_path / "checkpoint.pt").exists()
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    cfg = dict(eval_every=2, eval_episodes=2, checkpoint_every=1)
+    train_online(_agent(), TARGET_ID, NO_DATA, OnlineConfig(env_steps=256 * 2, **cfg), run_dir=tmp_path, progress=False)
+    resumed = _agent(seed=1)  # a new process: fresh weights, replaced by the checkpoint's
+    out = train_online(resumed, TARGET_ID, NO_DATA, OnlineConfig(env_steps=256 * 3, **cfg), run_dir=tmp_path,
+                       progress=False)
+    assert out["iterations"] == 3 and resumed.iterations == 3 and out["env_steps"] == 256 * 3
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "train.csv").read_text().splitlines()[1:]]
+    assert steps == [256, 512, 768]
+    assert [h["iteration"] for h in out["history"]] == [0, 2, 3]
+    with pytest.raises(ValueError, match="different configuration"):
+        train_online(_agent(update_epochs=1), TARGET_ID, NO_DATA, OnlineConfig(env_steps=256 * 4, **cfg),
+                     run_dir=tmp_path, progress=False)
+
+
+def test_mismatched_env_fails_before_training(tmp_path):
+    bc = DiffusionBC(3, 1, hidden=16, depth=1)
+    agent = DPPO.from_diffusion_bc(bc, num_envs=2, steps_per_iter=4)
+    data = types.SimpleNamespace(obs_mean=np.zeros(1, np.float32), obs_std=np.ones(1, np.float32),
+                                 ref_min_score=None, dataset_id=None)
+    with pytest.raises(ValueError, match=r"observations of shape \(3,\).*observations \(1,\)"):
+        train_online(agent, TARGET_ID, data, OnlineConfig(env_steps=8), run_dir=tmp_path, progress=False)
+    assert agent.iterations == 0 and not (tmp_path / "checkpoint.pt").exists()
