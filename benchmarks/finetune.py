@@ -1,4 +1,4 @@
-"""Online fine-tuning benchmark: DPPO, DRWR, DAWR and Gaussian PPO from the same pre-trained
+"""Online fine-tuning benchmark: DPPO, DRWR, DAWR, QSM and Gaussian PPO from the same pre-trained
 policies, stable-baselines3 PPO and SAC from scratch, on one environment-step budget.
 
 The pre-trained policies are a diffusion BC (for the diffusion methods) and a Gaussian BC (for
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-DIFFUSION_METHODS = ["dppo", "drwr", "dawr"]
+DIFFUSION_METHODS = ["dppo", "drwr", "dawr", "qsm"]
 METHODS = DIFFUSION_METHODS + ["gaussian_ppo", "sb3_ppo", "sb3_sac"]
 
 
@@ -66,11 +66,12 @@ def make_method(name: str, bc, gbc, args):
     from diffpolicy.agents.dppo import DPPO
     from diffpolicy.agents.drwr import DRWR
     from diffpolicy.agents.gaussian_ppo import GaussianPPO
+    from diffpolicy.agents.qsm import QSM
 
     common = dict(num_envs=args.num_envs, steps_per_iter=args.steps_per_iter)
     if name == "gaussian_ppo":
         return GaussianPPO.from_gaussian_bc(gbc, **common)
-    cls = {"dppo": DPPO, "drwr": DRWR, "dawr": DAWR}[name]
+    cls = {"dppo": DPPO, "drwr": DRWR, "dawr": DAWR, "qsm": QSM}[name]
     return cls.from_diffusion_bc(bc, **common)
 
 

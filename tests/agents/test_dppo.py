@@ -123,3 +123,26 @@ def test_mismatched_env_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"observations of shape \(3,\).*observations \(1,\)"):
         train_online(agent, TARGET_ID, data, OnlineConfig(env_steps=8), run_dir=tmp_path, progress=False)
     assert agent.iterations == 0 and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_an_update_changes_only_the_fine_tuned_steps_model():
+    agent = _agent(ft_steps=2)
+    base0 = {k: v.clone() for k, v in agent.base.state_dict().items()}
+    actor0 = {k: v.clone() for k, v in agent.actor.state_dict().items()}
+    train_online(agent, TARGET_ID, NO_DATA, OnlineConfig(env_steps=256, eval_every=1, eval_episodes=1), progress=False)
+    assert all(torch.equal(v, base0[k]) for k, v in agent.base.state_dict().items())  # the K - K' frozen steps
+    assert any(not torch.equal(v, actor0[k]) for k, v in agent.actor.state_dict().items())
+    assert all(p.grad is None for p in agent.base.parameters())
+
+
+def test_each_denoising_step_gets_the_env_advantage_times_the_denoising_discount():
+    agent = _agent(ft_steps=3, denoising_discount=0.9)
+    N = 4
+    action, chain_x, lp = agent.explore(torch.randn(N, 1))
+    flat = TensorDict({"observation": torch.randn(N, 1), "chain_x": chain_x, "chain_log_prob": lp}, batch_size=[N])
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    steps = agent.chain_transitions(flat, adv).reshape(N, 3)
+    expected = adv[:, None] * torch.tensor([0.9**2, 0.9, 1.0])  # the last step (which emits the action) keeps A
+    torch.testing.assert_close(steps["advantage"], expected)
+    torch.testing.assert_close(steps["log_prob"], lp)
+    torch.testing.assert_close(steps["clip_epsilon"][0], agent.clip.float())
