@@ -43,30 +43,58 @@ class DiffusionBCConfig(AgentConfig):
     ema_decay: float = 0.995
     ema_every: int = 5
     ema_start: int = 1000
+    beta_schedule: str = "vp"       # Diffusion-QL's VP; DPPO pre-trains with "squaredcos_cap_v2"
+    horizon: int = 1                # action chunk: predict and execute this many actions per state
 
 
 def make_action_denoiser(obs_dim: int, act_dim: int, cfg: DiffusionBCConfig) -> Denoiser:
-    """The state-conditioned action denoiser of ``cfg`` on the discrete VP schedule with ``diffusion_steps`` steps."""
-    net = MLPDenoiser(act_dim, obs_dim=obs_dim, hidden=cfg.hidden, depth=cfg.depth, time_dim=cfg.time_dim,
-                      activation=cfg.activation, residual=cfg.residual, layer_norm=cfg.layer_norm)
-    return Denoiser(net, S.DiscreteVP(cfg.diffusion_steps, beta_schedule="vp"), cfg.prediction)
+    """The state-conditioned denoiser of ``cfg`` over ``horizon * act_dim`` (a flattened action chunk)
+    on the discrete ``beta_schedule`` with ``diffusion_steps`` steps."""
+    net = MLPDenoiser(act_dim * cfg.horizon, obs_dim=obs_dim, hidden=cfg.hidden, depth=cfg.depth,
+                      time_dim=cfg.time_dim, activation=cfg.activation, residual=cfg.residual,
+                      layer_norm=cfg.layer_norm)
+    return Denoiser(net, S.DiscreteVP(cfg.diffusion_steps, beta_schedule=cfg.beta_schedule), cfg.prediction)
 
 
 class DiffusionBC(OfflineAgent):
-    """Diffusion behaviour cloning: ``update`` fits the denoiser, ``act`` samples from the EMA model."""
+    """Diffusion behaviour cloning: ``update`` fits the denoiser, ``act`` samples from the EMA model.
+
+    With ``horizon = H > 1`` (DPPO's pre-training, ``horizon_steps = act_steps``) the model draws
+    a chunk ``a_t .. a_{t+H-1}`` given ``s_t``, learnt from dataset windows (steps past the
+    episode's end masked out of the loss), and ``act`` executes the chunk's actions one per call
+    before drawing the next chunk (``reset`` clears it).
+    """
 
     name = "diffusion_bc"
     config_class = DiffusionBCConfig
 
     def __init__(self, obs_dim: int, act_dim: int, config: DiffusionBCConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)
+        if self.config.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.config.horizon}")
         self.actor = make_action_denoiser(obs_dim, act_dim, self.config)
         self.ema = EMA(self.actor, decay=self.config.ema_decay)
         self.add_optimizer("actor", self.actor.parameters())
+        self._queue: list[Tensor] = []
+
+    @property
+    def sequence_spec(self) -> dict | None:
+        h = self.config.horizon
+        return None if h == 1 else {"obs_horizon": 1, "action_horizon": h}
 
     # ------------------------------------------------------------------ training
-    def bc_loss(self, obs: Tensor, action: Tensor) -> Tensor:
-        return diffusion_loss(self.actor, action, obs).mean()
+    def bc_loss(self, obs: Tensor, action: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Denoising loss of ``action [B, A]`` (or chunks ``[B, H, A]`` with ``valid [B, H]``) given ``obs``."""
+        if action.dim() == 2:
+            return diffusion_loss(self.actor, action, obs).mean()
+        B = action.shape[0]
+        obs = obs.reshape(B, -1)
+        if valid is None:
+            return diffusion_loss(self.actor, action.reshape(B, -1), obs).mean()
+        mask = valid[..., None].expand_as(action).reshape(B, -1)
+        per_sample = diffusion_loss(self.actor, action.reshape(B, -1), obs, mask=mask)
+        n_valid = valid.to(per_sample.dtype).sum(1)  # a mean over all real steps of the batch
+        return (per_sample * n_valid).sum() / n_valid.sum().clamp_min(1.0)
 
     def update_ema(self) -> None:
         """EMA every ``ema_every`` steps from ``ema_start`` on (Diffusion-QL); before, a plain copy."""
@@ -78,19 +106,27 @@ class DiffusionBC(OfflineAgent):
             self.ema.update(self.actor)
 
     def update(self, batch) -> dict[str, Tensor]:
-        loss = self.bc_loss(batch["observation"], batch["action"])
+        loss = self.bc_loss(batch["observation"], batch["action"], batch.get("valid", None))
         self.step("actor", loss)
         self.update_ema()
         return {"loss_bc": loss.detach()}
 
     # ------------------------------------------------------------------ acting
     def sample_actions(self, obs: Tensor, *, ema: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """One action per row of ``obs`` drawn by the reverse chain, in ``[-1, 1]``."""
+        """One action (a flattened ``horizon``-chunk) per row of ``obs`` drawn by the reverse chain, in ``[-1, 1]``."""
         model = self.ema.module if ema else self.actor
-        a = sample(model, (obs.shape[0], self.act_dim), self.config.diffusion_steps, self.config.sampler, cond=obs,
-                   clip_x0=1.0, generator=generator, device=obs.device)
+        a = sample(model, (obs.shape[0], self.act_dim * self.config.horizon), self.config.diffusion_steps,
+                   self.config.sampler, cond=obs, clip_x0=1.0, generator=generator, device=obs.device)
         return a.clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:
-        return self.sample_actions(obs)
+        if self.config.horizon == 1:
+            return self.sample_actions(obs)
+        if not self._queue or self._queue[0].shape[0] != obs.shape[0]:
+            chunk = self.sample_actions(obs).reshape(obs.shape[0], self.config.horizon, self.act_dim)
+            self._queue = list(chunk.unbind(1))
+        return self._queue.pop(0)
+
+    def reset(self) -> None:
+        self._queue = []

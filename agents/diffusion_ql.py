@@ -42,6 +42,8 @@ class DiffusionQL(TwinCriticMixin, DiffusionBC):
     def __init__(self, obs_dim: int, act_dim: int, config: DiffusionQLConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)
         c = self.config
+        if c.horizon != 1:
+            raise ValueError(f"{self.name} acts one action per state; horizon={c.horizon} is for diffusion_bc only")
         self.init_twin_critic(c.critic_hidden, c.critic_depth)
         self.actor_loss = DiffusionQLActorLoss(self.actor, self._twin_q, eta=c.eta, steps=c.diffusion_steps,
                                                clip_x0=1.0)

@@ -59,6 +59,8 @@ class IDQL(DiffusionBC):
     def __init__(self, obs_dim: int, act_dim: int, config: IDQLConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)
         c = self.config
+        if c.horizon != 1:
+            raise ValueError(f"{self.name} acts one action per state; horizon={c.horizon} is for diffusion_bc only")
         if c.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {c.selection!r}; valid: {', '.join(SELECTIONS)}")
         self.critic_loss, _, _ = make_iql_critic_loss(obs_dim, act_dim, c.expectile, gamma=c.gamma,

@@ -51,7 +51,7 @@ class OnlineChainConfig:
     with CPU-sized collection: their 40 envs x 500 steps)."""
 
     num_envs: int = 10                  # parallel environments (TorchRL SerialEnv)
-    steps_per_iter: int = 250           # environment steps per env per iteration
+    steps_per_iter: int = 250           # policy decisions per env per iteration (action_chunk env steps each)
     ft_steps: int | None = None         # K': fine-tuned last denoising steps (None: all K)
     eta: float = 1.0                    # 1: DDPM steps; < 1: DDIM(eta) steps
     min_sampling_std: float = 0.1       # exploration-noise floor of every step
@@ -103,14 +103,19 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
     ``[-1, 1]``), e.g. a :class:`~diffpolicy.agents.diffusion_bc.DiffusionBC`'s EMA model
     (:meth:`from_diffusion_bc`); ``diffusion_steps`` is the ``K`` of its chain. The last
     ``ft_steps`` steps run the fine-tuned ``self.actor``, the earlier ones the frozen ``self.base``.
+    With ``action_chunk = H`` the policy's action is a flattened chunk of ``H`` env actions, executed
+    whole by the env (DPPO's ``act_steps``); rewards and discounting are per chunk, as in DPPO.
     """
 
     name = "online"
     config_class = OnlineChainConfig
 
-    def __init__(self, actor: DenoiserBase, obs_dim: int, act_dim: int, diffusion_steps: int, config=None,
-                 **overrides):
+    def __init__(self, actor: DenoiserBase, obs_dim: int, act_dim: int, diffusion_steps: int, config=None, *,
+                 action_chunk: int = 1, **overrides):
         super().__init__()
+        if act_dim % action_chunk:
+            raise ValueError(f"act_dim={act_dim} is not a whole number of chunks of {action_chunk} actions")
+        self.action_chunk = action_chunk  # the env executes act_dim / action_chunk-d actions this many at a time
         c = dataclasses.replace(config or self.config_class(), **overrides)
         K = diffusion_steps
         ft = K if c.ft_steps is None else c.ft_steps
@@ -134,8 +139,11 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
 
     @classmethod
     def from_diffusion_bc(cls, bc, config=None, **overrides):
-        """Start from a trained :class:`~diffpolicy.agents.diffusion_bc.DiffusionBC` (its EMA weights)."""
-        return cls(bc.ema.module, bc.obs_dim, bc.act_dim, bc.config.diffusion_steps, config, **overrides)
+        """Start from a trained :class:`~diffpolicy.agents.diffusion_bc.DiffusionBC` (its EMA weights);
+        a chunking BC (``horizon = H``) gives an agent whose action is the flattened chunk of ``H``."""
+        H = bc.config.horizon
+        return cls(bc.ema.module, bc.obs_dim, bc.act_dim * H, bc.config.diffusion_steps, config, action_chunk=H,
+                   **overrides)
 
     # ------------------------------------------------------------------ acting
     def _chain(self, obs: Tensor, *, deterministic: bool, generator=None) -> TensorDict:
@@ -253,8 +261,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     a = agent.config
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
     ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
-    frames = a.num_envs * a.steps_per_iter
-    iterations = -(-cfg.env_steps // frames)
+    frames = a.num_envs * a.steps_per_iter  # decisions per iteration (env steps / action_chunk)
+    iterations = -(-cfg.env_steps // (frames * getattr(agent, "action_chunk", 1)))
     _set_seed(cfg.seed)
     run_config = json.loads(json.dumps({"agent": agent.name, "agent_config": dataclasses.asdict(a),
                                         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "env_steps"},
@@ -274,7 +282,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / "config.json").write_text(json.dumps({**run_config, "env_steps": cfg.env_steps}, indent=1))
 
-    env = make_env(env_id, num_envs=a.num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std)
+    chunk = getattr(agent, "action_chunk", 1)
+    env = make_env(env_id, num_envs=a.num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std, action_chunk=chunk)
     check_policy_shapes(agent, env_id, env)
     env.set_seed(cfg.seed + 1000 * state["iteration"])
     collector = Collector(env, agent.policy_module(), frames_per_batch=frames, total_frames=-1,
@@ -285,7 +294,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     def run_eval():
         with torch.random.fork_rng():
             res = evaluate(agent.act, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed, obs_loc=data.obs_mean,
-                           obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset)
+                           obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset, action_chunk=chunk)
         rec = {"iteration": state["iteration"], "env_steps": state["env_steps"], "return_mean": res.return_mean,
                "return_std": res.return_std, "score_mean": res.score_mean, "score_std": res.score_std}
         state["history"].append(rec)
@@ -313,7 +322,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             collector.update_policy_weights_()
             seconds = time.perf_counter() - t0
             state["iteration"] += 1
-            state["env_steps"] += td.numel()
+            state["env_steps"] += td.numel() * chunk  # upper bound: a chunk cut short by an episode end counts whole
             state["train_seconds"] += seconds
             logger.write("train", state["env_steps"], {**metrics, "iteration": state["iteration"],
                                                        "seconds_per_iter": seconds, "collect_seconds": t_collect})

@@ -158,6 +158,9 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         "dataset": data.dataset_id, "env_id": env_id, "reward_scale": reward_scale}, default=str))
     if ckpt_path is not None and ckpt_path.exists():
         old = json.loads((run_path / "config.json").read_text()) if (run_path / "config.json").exists() else None
+        if old is not None and "agent_config" in old:  # settings added to the agent since: at their defaults
+            defaults = json.loads(json.dumps(dataclasses.asdict(type(agent.config)()), default=str))
+            old["agent_config"] = {**defaults, **old["agent_config"]}
         if old is not None and {k: v for k, v in old.items() if k != "steps"} != run_config:
             diff = sorted(k for k in run_config if old.get(k) != run_config[k])
             raise ValueError(f"{run_path} holds a run with a different configuration ({', '.join(diff)} differ); "

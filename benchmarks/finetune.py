@@ -40,22 +40,30 @@ DIFFUSION_METHODS = ["dppo", "drwr", "dawr", "qsm"]
 METHODS = DIFFUSION_METHODS + ["gaussian_ppo", "sb3_ppo", "sb3_sac"]
 
 
-def pretrain(name: str, data, steps: int, run_root: Path, seed: int, progress: bool):
+def bc_settings(name: str, args) -> dict:
+    """DPPO's pre-trained policy (Ren et al. 2024 App. D; ANCHORS.md): ``--denoising-steps`` cosine-schedule
+    steps over ``--action-chunk`` actions; Gaussian BC unchunked."""
+    if name != "diffusion_bc":
+        return {}
+    return dict(diffusion_steps=args.denoising_steps, horizon=args.action_chunk, beta_schedule="squaredcos_cap_v2")
+
+
+def pretrain(name: str, data, steps: int, run_root: Path, seed: int, progress: bool, settings: dict):
     """The BC policy ``name`` trained for ``steps`` on ``data`` (resumed / reused from ``run_root``)."""
     from diffpolicy.agents import make_agent
     from diffpolicy.agents.trainer import TrainConfig, train_offline
 
     torch.manual_seed(seed)
-    agent = make_agent(name, data.obs_dim, data.act_dim)
+    agent = make_agent(name, data.obs_dim, data.act_dim, **settings)
     cfg = TrainConfig(steps=steps, eval_every=steps, eval_episodes=10, seed=seed, log_every=max(1, min(1000, steps // 10)))
     train_offline(agent, data, cfg, run_dir=run_root / "pretrain" / name, progress=progress)
     return agent
 
 
-def load_pretrained(name: str, path: str, data):
+def load_pretrained(name: str, path: str, data, settings: dict):
     from diffpolicy.agents import make_agent
 
-    agent = make_agent(name, data.obs_dim, data.act_dim)
+    agent = make_agent(name, data.obs_dim, data.act_dim, **settings)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     agent.load_state_dict(saved["agent"] if "agent" in saved else saved)
     return agent
@@ -71,7 +79,9 @@ def make_method(name: str, bc, gbc, args):
     common = dict(num_envs=args.num_envs, steps_per_iter=args.steps_per_iter)
     if name == "gaussian_ppo":
         return GaussianPPO.from_gaussian_bc(gbc, **common)
-    cls = {"dppo": DPPO, "drwr": DRWR, "dawr": DAWR, "qsm": QSM}[name]
+    if name == "dppo":  # PPO on the last ft_steps denoising steps
+        return DPPO.from_diffusion_bc(bc, ft_steps=min(args.ft_steps, bc.config.diffusion_steps), **common)
+    cls = {"drwr": DRWR, "dawr": DAWR, "qsm": QSM}[name]  # whole-model regression losses: every step fine-tuned
     return cls.from_diffusion_bc(bc, **common)
 
 
@@ -165,15 +175,16 @@ def run_one(name: str, env_id: str, data, bc, gbc, seed: int, args, run_root: Pa
     return result
 
 
-def rollout_ratio(bc, data, env_id: str, num_envs: int, steps: int, rounds: int = 3) -> dict:
-    """One DPPO collection iteration (``num_envs x steps`` env steps) against the same with bare forwards."""
+def rollout_ratio(bc, data, env_id: str, num_envs: int, steps: int, ft_steps: int, rounds: int = 3) -> dict:
+    """One DPPO collection iteration (``num_envs x steps`` decisions) against the same with bare forwards."""
     from tensordict.nn import TensorDictModule
     from torchrl.collectors import Collector
 
     from diffpolicy.agents.dppo import DPPO
     from diffpolicy.envs.factory import make_env
 
-    agent = DPPO.from_diffusion_bc(bc, num_envs=num_envs, steps_per_iter=steps)
+    agent = DPPO.from_diffusion_bc(bc, num_envs=num_envs, steps_per_iter=steps,
+                                   ft_steps=min(ft_steps, bc.config.diffusion_steps))
     net, K = agent.actor.net, agent.K
     ts = agent.ts[:-1].float()
 
@@ -190,7 +201,8 @@ def rollout_ratio(bc, data, env_id: str, num_envs: int, steps: int, rounds: int 
     times = {k: [] for k in policies}
     for _ in range(rounds):
         for k, pol in policies.items():
-            env = make_env(env_id, num_envs=num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std)
+            env = make_env(env_id, num_envs=num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std,
+                           action_chunk=agent.action_chunk)
             env.set_seed(0)
             col = Collector(env, pol, frames_per_batch=num_envs * steps, total_frames=-1,
                             auto_register_policy_transforms=False)
@@ -280,7 +292,11 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--env-steps", type=int, default=500_000, help="environment steps per run")
     p.add_argument("--num-envs", type=int, default=10)
-    p.add_argument("--steps-per-iter", type=int, default=250, help="env steps per env per iteration")
+    p.add_argument("--steps-per-iter", type=int, default=250,
+                   help="policy decisions per env per iteration (action chunks for the diffusion methods)")
+    p.add_argument("--denoising-steps", type=int, default=20, help="K of the pre-trained diffusion BC (DPPO: 20)")
+    p.add_argument("--ft-steps", type=int, default=10, help="DPPO's fine-tuned last denoising steps (DPPO: 10)")
+    p.add_argument("--action-chunk", type=int, default=4, help="actions per diffusion decision (DPPO: 4)")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--pretrain-steps", type=int, default=100_000, help="gradient steps of the BC policies")
@@ -302,14 +318,17 @@ def main(argv=None):
         args.seeds = args.seeds if "--seeds" in given else [0]
         args.env_steps, args.num_envs, args.steps_per_iter, args.eval_every, args.eval_episodes = 2000, 4, 100, 2, 3
         args.pretrain_steps, args.transitions, args.behaviour_steps = 500, 20_000, 6_000
+        args.denoising_steps, args.ft_steps, args.action_chunk = 5, 3, 2
         args.quality = args.quality if "--quality" in given else "medium-replay"
     tag = "finetune_quick" if args.quick else "finetune"
     out = Path(args.out) if args.out else ROOT / "results" / tag
     run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag / args.env
     result_root = out.parent / f"{out.name}_runs" / args.env
-    budget = (f"Budget: {args.env_steps} environment steps per run ({args.num_envs} envs x {args.steps_per_iter} steps "
-              f"per iteration), evaluation every {args.eval_every} iterations on {args.eval_episodes} episodes; "
-              f"pre-trained BC: {args.pretrain_steps} gradient steps on {args.env} {args.quality}; seeds {args.seeds}.")
+    budget = (f"Budget: {args.env_steps} environment steps per run ({args.num_envs} envs x {args.steps_per_iter} "
+              f"decisions per iteration; diffusion policies act in chunks of {args.action_chunk}), evaluation every "
+              f"{args.eval_every} iterations on {args.eval_episodes} episodes; pre-trained BC: {args.pretrain_steps} "
+              f"gradient steps on {args.env} {args.quality} (diffusion: {args.denoising_steps} cosine steps, DPPO "
+              f"fine-tunes the last {args.ft_steps}); seeds {args.seeds}.")
 
     from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
 
@@ -319,11 +338,12 @@ def main(argv=None):
     needs_bc = any(m in DIFFUSION_METHODS for m in args.methods) or not args.no_rollout_ratio
     bc = gbc = None
     if not args.assemble and needs_bc:
-        bc = (load_pretrained("diffusion_bc", args.pretrained, data) if args.pretrained
-              else pretrain("diffusion_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress))
+        st = bc_settings("diffusion_bc", args)
+        bc = (load_pretrained("diffusion_bc", args.pretrained, data, st) if args.pretrained
+              else pretrain("diffusion_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress, st))
     if not args.assemble and "gaussian_ppo" in args.methods:
-        gbc = (load_pretrained("gaussian_bc", args.gaussian_pretrained, data) if args.gaussian_pretrained
-               else pretrain("gaussian_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress))
+        gbc = (load_pretrained("gaussian_bc", args.gaussian_pretrained, data, {}) if args.gaussian_pretrained
+               else pretrain("gaussian_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress, {}))
     report = {}
     if not args.assemble:
         for seed in args.seeds:
@@ -333,7 +353,7 @@ def main(argv=None):
                 print(f"[{m} seed {seed}] final score {r['final_score']:.1f} ({time.time() - t:.0f} s)", flush=True)
                 write_outputs({**assemble(result_root, args.env, args.methods, args.env_steps), "budget": budget}, out)
         if not args.no_rollout_ratio:
-            rr = rollout_ratio(bc, data, args.env, args.num_envs, min(args.steps_per_iter, 100))
+            rr = rollout_ratio(bc, data, args.env, args.num_envs, min(args.steps_per_iter, 100), args.ft_steps)
             report["rollout"], report["dppo_rollout_ratio_vs_bare"] = rr, rr["ratio"]
     elif out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())

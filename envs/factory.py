@@ -21,8 +21,41 @@ __all__ = ["make_env", "make_gym_env", "evaluate", "EvalResult", "ENV_IDS"]
 ENV_IDS = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Pendulum-v1")
 
 
-def make_gym_env(env_id: str, normalized_actions: bool = True):
-    """A gymnasium env whose actions live in ``[-1, 1]`` (clipped, then rescaled to the env's box)."""
+def _action_chunk_wrapper():
+    import gymnasium as gym
+
+    class ActionChunk(gym.Wrapper):
+        """Executes a chunk of ``n`` actions per step (DPPO's ``multi_step`` wrapper, ``act_steps``).
+
+        The action space is the base box tiled ``n`` times and flattened, ``[n * act_dim]``;
+        ``step`` runs the actions in order, sums their rewards and stops early when the episode
+        terminates or is truncated. ``info["chunk_steps"]`` is the number of env steps taken.
+        """
+
+        def __init__(self, env, n: int):
+            super().__init__(env)
+            if n < 1:
+                raise ValueError(f"action_chunk must be >= 1, got {n}")
+            box = env.action_space
+            self.n, self.act_dim = n, box.shape[0]
+            self.action_space = gym.spaces.Box(np.tile(box.low, n), np.tile(box.high, n), dtype=box.dtype)
+
+        def step(self, action):
+            actions = np.asarray(action).reshape(self.n, self.act_dim)
+            total, info = 0.0, {}
+            for k in range(self.n):
+                obs, reward, terminated, truncated, info = self.env.step(actions[k])
+                total += float(reward)
+                if terminated or truncated:
+                    break
+            return obs, total, terminated, truncated, {**info, "chunk_steps": k + 1}
+
+    return ActionChunk
+
+
+def make_gym_env(env_id: str, normalized_actions: bool = True, action_chunk: int = 1):
+    """A gymnasium env whose actions live in ``[-1, 1]`` (clipped, then rescaled to the env's box);
+    with ``action_chunk > 1`` each step takes a flattened chunk of that many actions."""
     import gymnasium as gym
     from gymnasium.wrappers import ClipAction, RescaleAction
 
@@ -33,11 +66,14 @@ def make_gym_env(env_id: str, normalized_actions: bool = True):
     if normalized_actions and isinstance(env.action_space, gym.spaces.Box):
         ones = np.ones(env.action_space.shape, dtype=np.float32)
         env = ClipAction(RescaleAction(env, -ones, ones))
+    if action_chunk != 1:
+        env = _action_chunk_wrapper()(env, action_chunk)
     return env
 
 
 def make_env(env_id: str, *, num_envs: int = 1, obs_loc: Tensor | np.ndarray | None = None,
-             obs_scale: Tensor | np.ndarray | None = None, parallel: bool = False, device="cpu"):
+             obs_scale: Tensor | np.ndarray | None = None, parallel: bool = False, device="cpu",
+             action_chunk: int = 1):
     """A TorchRL env for ``env_id``: actions in ``[-1, 1]``, float32 observations standardised
     as ``(obs - obs_loc) / obs_scale`` when statistics are given, ``num_envs`` copies batched.
     """
@@ -47,7 +83,7 @@ def make_env(env_id: str, *, num_envs: int = 1, obs_loc: Tensor | np.ndarray | N
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
 
     def single():
-        return GymWrapper(make_gym_env(env_id), device=device)
+        return GymWrapper(make_gym_env(env_id, action_chunk=action_chunk), device=device)
 
     if num_envs == 1:
         base = single()
@@ -69,7 +105,8 @@ def make_env(env_id: str, *, num_envs: int = 1, obs_loc: Tensor | np.ndarray | N
 
 @dataclasses.dataclass
 class EvalResult:
-    """Undiscounted returns of ``episodes`` evaluation episodes, and their normalised scores."""
+    """Undiscounted returns of ``episodes`` evaluation episodes, and their normalised scores
+    (``lengths`` count policy decisions: env steps divided by the action chunk)."""
 
     returns: np.ndarray
     lengths: np.ndarray
@@ -96,7 +133,7 @@ class EvalResult:
 def evaluate(policy: Callable[[Tensor], Tensor], env_id: str, *, episodes: int = 10, seed: int = 0,
              obs_loc=None, obs_scale=None, max_steps: int | None = None,
              score_fn: Callable[[np.ndarray], np.ndarray] | None = None, reset: Callable[[], None] | None = None,
-             device="cpu") -> EvalResult:
+             device="cpu", action_chunk: int = 1) -> EvalResult:
     """Run ``episodes`` episodes in parallel (one vectorised TorchRL env) with fixed seeds.
 
     ``policy(obs [N, obs_dim]) -> action [N, act_dim]`` in ``[-1, 1]`` sees normalised
@@ -104,14 +141,16 @@ def evaluate(policy: Callable[[Tensor], Tensor], env_id: str, *, episodes: int =
     ``set_seed`` so the same ``seed`` gives the same episodes.
     Finished envs keep stepping harmlessly until all are done; their later rewards are ignored.
     ``reset`` is called once before the episodes (e.g. to clear an action-chunk queue).
+    With ``action_chunk > 1`` the policy returns flattened chunks that the env executes whole.
     """
     import gymnasium as gym
     from torchrl.envs.utils import step_mdp
 
-    env = make_env(env_id, num_envs=episodes, obs_loc=obs_loc, obs_scale=obs_scale, device=device)
+    env = make_env(env_id, num_envs=episodes, obs_loc=obs_loc, obs_scale=obs_scale, device=device,
+                   action_chunk=action_chunk)
     if max_steps is None:
         spec = gym.spec(env_id)
-        max_steps = spec.max_episode_steps or 1000
+        max_steps = -(-(spec.max_episode_steps or 1000) // action_chunk)
     env.set_seed(seed)
     td = env.reset()
     if reset is not None:

@@ -9,19 +9,24 @@ spec.loader.exec_module(bench)
 
 
 def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, tmp_path):
-    args = ["--env", "Pendulum-v1", "--quality", "medium", "--seeds", "0", "--env-steps", "200", "--num-envs", "2",
+    args = ["--env", "Pendulum-v1", "--quality", "medium", "--seeds", "0", "--env-steps", "400", "--num-envs", "2",
             "--steps-per-iter", "50", "--eval-every", "1", "--eval-episodes", "1", "--pretrain-steps", "20",
+            "--denoising-steps", "6", "--ft-steps", "3", "--action-chunk", "2",
             "--transitions", "2000", "--behaviour-steps", "1000", "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out" / "finetune"), "--no-progress"]
     bench.main(args)
     rep = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert set(rep["results"]) == set(bench.METHODS)
     for m, r in rep["results"].items():
-        assert r["env_steps"][0] == 0 and r["env_steps"][-1] >= 200, m
+        assert r["env_steps"][0] == 0 and r["env_steps"][-1] >= 400, m
         assert len(r["scores"]) == len(r["env_steps"]) and r["seconds_per_iter"] > 0
         assert {"final_score_mean", "final_score_std"} <= set(r)
     assert isinstance(rep["start_score"], float) and rep["dppo_rollout_ratio_vs_bare"] > 0
     assert (tmp_path / "out" / "finetune.png").exists()
+    pre = json.loads((tmp_path / "runs" / "pretrain" / "diffusion_bc" / "config.json").read_text())["agent_config"]
+    assert (pre["diffusion_steps"], pre["horizon"]) == (6, 2)  # DPPO's chunked pre-training, at test size
+    dppo = json.loads((tmp_path / "runs" / "dppo" / "seed0" / "config.json").read_text())["agent_config"]
+    assert dppo["ft_steps"] == 3
     runs = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("seed0.json"))
     assert len(runs) == len(bench.METHODS)
     md = (tmp_path / "out" / "finetune.md").read_text()

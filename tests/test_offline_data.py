@@ -197,3 +197,32 @@ def test_every_quality_makes_a_loadable_dataset(pendulum_data, quality):
         assert len(data) == ds.total_steps > 0
     assert (data.ref_min_score, data.ref_max_score) == (pendulum_data.ref_min_score, pendulum_data.ref_max_score)
     assert quality in ds.storage.metadata["algorithm_name"]
+
+
+def test_action_chunks_run_whole_sum_rewards_and_stop_at_the_episode_end():
+    from diffpolicy.envs.factory import make_gym_env
+
+    plain, chunked = make_gym_env("Hopper-v5"), make_gym_env("Hopper-v5", action_chunk=4)
+    assert chunked.action_space.shape == (12,)
+    plain.reset(seed=1), chunked.reset(seed=1)
+    gen = np.random.default_rng(0)
+    for _ in range(3):
+        chunk = gen.uniform(-1, 1, size=(4, 3)).astype(np.float32)
+        total = 0.0
+        for a in chunk:
+            obs_p, r, term, trunc, _ = plain.step(a)
+            total += r
+            if term or trunc:
+                break
+        obs_c, r_c, term_c, trunc_c, info = chunked.step(chunk.reshape(-1))
+        np.testing.assert_allclose(obs_c, obs_p)
+        assert r_c == pytest.approx(total) and (term_c, trunc_c) == (term, trunc)
+    # a falling hopper: the chunk that ends the episode stops there
+    env = make_gym_env("Hopper-v5", action_chunk=50)
+    env.reset(seed=0)
+    _, _, term, _, info = env.step(np.ones(150, dtype=np.float32))
+    assert term and info["chunk_steps"] < 50
+    # evaluation of a chunking policy: the same returns as the plain env with the same actions
+    a = evaluate(lambda o: torch.zeros(o.shape[0], 12), "Hopper-v5", episodes=2, seed=5, action_chunk=4)
+    b = evaluate(lambda o: torch.zeros(o.shape[0], 3), "Hopper-v5", episodes=2, seed=5)
+    np.testing.assert_allclose(a.returns, b.returns, rtol=1e-6)

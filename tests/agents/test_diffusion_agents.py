@@ -219,3 +219,50 @@ def test_idql_resampling_prefers_high_q(monkeypatch):
     agent.config.selection = "expectile"  # w = 0.7 on a > 0, 0.3 on a < 0: 70% of picks have a > 0
     picks = agent.act(obs).squeeze(1)
     assert 0.6 < float((picks > 0).float().mean()) < 0.8
+
+
+def test_chunking_diffusion_bc_learns_windows_and_executes_its_chunks(pendulum_data):
+    torch.manual_seed(0)
+    agent = make_agent("diffusion_bc", 3, 1, horizon=3, hidden=64, depth=2, ema_start=10)
+    assert agent.sequence_spec == {"obs_horizon": 1, "action_horizon": 3}
+    rb = pendulum_data.replay_buffer(128, sequences=agent.sequence_spec)
+    batch = rb.sample()
+    assert batch["action"].shape == (128, 3, 1) and batch["observation"].shape == (128, 1, 3)
+    # all steps valid: the masked loss is the plain loss on the flattened chunk
+    gen_state = torch.get_rng_state()
+    full = agent.bc_loss(batch["observation"], batch["action"], torch.ones(128, 3, dtype=torch.bool))
+    torch.set_rng_state(gen_state)
+    plain = agent.bc_loss(batch["observation"], batch["action"])
+    torch.testing.assert_close(full, plain)
+    losses = [float(agent.update(rb.sample())["loss_bc"]) for _ in range(300)]
+    assert sum(losses[-30:]) < 0.6 * sum(losses[:30])
+    # acting: one action per call, a new chunk every 3 calls (and after reset)
+    calls = []
+    agent.sample_actions = (lambda f: (lambda obs, **kw: calls.append(1) or f(obs, **kw)))(agent.sample_actions)
+    obs = torch.randn(4, 3)
+    acts = [agent.act(obs) for _ in range(7)]
+    assert all(a.shape == (4, 1) for a in acts) and len(calls) == 3
+    agent.reset()
+    agent.act(obs)
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="horizon=2 is for diffusion_bc only"):
+        make_agent("diffusion_ql", 3, 1, horizon=2)
+
+
+def test_a_run_dir_from_before_a_setting_existed_still_resumes(pendulum_data, tmp_path):
+    import json
+
+    cfg = TrainConfig(steps=20, eval_every=20, eval_episodes=1, log_every=10)
+    train_offline(make_agent("diffusion_bc", 3, 1, hidden=16, depth=1), pendulum_data, cfg, run_dir=tmp_path,
+                  progress=False)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    del conf["agent_config"]["horizon"]  # written by an older version
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    out = train_offline(make_agent("diffusion_bc", 3, 1, hidden=16, depth=1), pendulum_data,
+                        TrainConfig(steps=40, eval_every=20, eval_episodes=1, log_every=10), run_dir=tmp_path,
+                        progress=False)
+    assert out["steps"] == 40
+    with pytest.raises(ValueError, match="different configuration"):  # a changed setting is still refused
+        train_offline(make_agent("diffusion_bc", 3, 1, hidden=16, depth=1, horizon=2), pendulum_data,
+                      TrainConfig(steps=60, eval_every=20, eval_episodes=1, log_every=10), run_dir=tmp_path,
+                      progress=False)

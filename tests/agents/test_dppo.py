@@ -146,3 +146,14 @@ def test_each_denoising_step_gets_the_env_advantage_times_the_denoising_discount
     torch.testing.assert_close(steps["advantage"], expected)
     torch.testing.assert_close(steps["log_prob"], lp)
     torch.testing.assert_close(steps["clip_epsilon"][0], agent.clip.float())
+
+
+def test_a_chunking_policy_acts_in_chunks_the_env_executes_whole(tmp_path):
+    torch.manual_seed(0)
+    bc = DiffusionBC(1, 1, hidden=32, depth=1, horizon=2)
+    agent = DPPO.from_diffusion_bc(bc, num_envs=4, steps_per_iter=8, update_epochs=1, minibatches=1)
+    assert agent.action_chunk == 2 and agent.act_dim == 2
+    assert agent.act(torch.zeros(3, 1)).shape == (3, 2)
+    out = train_online(agent, TARGET_ID, NO_DATA, OnlineConfig(env_steps=64, eval_every=1, eval_episodes=2),
+                       run_dir=tmp_path, progress=False)
+    assert out["iterations"] == 1 and out["env_steps"] == 64  # 4 envs x 8 decisions x 2 actions
