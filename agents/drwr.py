@@ -87,8 +87,6 @@ class DRWR(OnlineChainAgent):
                    weight_mean=float(w.mean()), weight_max=float(w.max()))
         return out
 
-    def _extra_state(self) -> dict:
-        return {"pending": self.pending}  # steps of episodes still running wait across a resume
-
     def _load_extra_state(self, state: dict) -> None:
-        self.pending = state["pending"]
+        # a resumed run starts new episodes: steps of the old unfinished ones would never get a return
+        self.pending = [{} for _ in range(self.config.num_envs)]

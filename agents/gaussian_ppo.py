@@ -38,7 +38,7 @@ class GaussianPPOConfig:
     critic_lr: float = 1e-3
     max_grad_norm: float | None = 1.0
     entropy_coef: float = 0.0
-    target_kl: float | None = 1.0
+    target_kl: float | None = 1.0       # on TorchRL's kl_approx (mean log-ratio), not DPPO's k3 estimator
     scale_rewards: bool = True
     hidden: int = 256
     depth: int = 2
@@ -65,7 +65,7 @@ class GaussianPPO(OnlineCheckpoint, nn.Module):
         self.critic = ValueOperator(mlp(obs_dim, 1, c.critic_hidden, c.critic_depth, nn.Mish), in_keys=["observation"])
         self.loss = ClipPPOLoss(self.actor, self.critic, clip_epsilon=c.clip_epsilon,
                                 entropy_bonus=c.entropy_coef > 0, entropy_coeff=c.entropy_coef,
-                                normalize_advantage=True)
+                                normalize_advantage=True, loss_critic_type="l2")  # MSE value loss, as DPPO's
         self.gae = GAE(gamma=c.gamma, lmbda=c.gae_lambda, value_network=self.critic, average_gae=False)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)

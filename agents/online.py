@@ -225,8 +225,9 @@ class _Explore(nn.Module):
         self.agent = [agent]  # not a submodule: the collector must not copy or move the agent
 
     def forward(self, obs: Tensor):
-        batch = obs.shape[:-1]
-        action, chain_x, lp = self.agent[0].explore(obs.reshape(-1, obs.shape[-1]))
+        batch, agent = obs.shape[:-1], self.agent[0]
+        out = agent.explore(obs.reshape(-1, obs.shape[-1]).to(agent.ts.device, torch.float32))
+        action, chain_x, lp = (v.to(obs.device) for v in out)  # the env may live on another device
         return (action.reshape(*batch, -1), chain_x.reshape(*batch, *chain_x.shape[1:]), lp.reshape(*batch, -1))
 
 
@@ -292,7 +293,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     score_fn = data.normalized_score if getattr(data, "ref_min_score", None) is not None else None
 
     def run_eval():
-        with torch.random.fork_rng():
+        with torch.random.fork_rng():  # the same starting noises at every evaluation; training RNG untouched
+            torch.manual_seed(cfg.eval_seed)
             res = evaluate(agent.act, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed, obs_loc=data.obs_mean,
                            obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset, action_chunk=chunk)
         rec = {"iteration": state["iteration"], "env_steps": state["env_steps"], "return_mean": res.return_mean,
@@ -313,9 +315,12 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
         while state["iteration"] < iterations:
             t0 = time.perf_counter()
             td = next(it)
+            if td.ndim == 1:  # one env is unbatched: give every agent [num_envs, T]
+                td = td.unsqueeze(0)
             t_collect = time.perf_counter() - t0
             metrics = agent.update(td)
-            bad = [k for k, v in metrics.items() if not torch.isfinite(torch.tensor(float(v)))]
+            # losses must be finite; diagnostics such as explained variance may be nan by definition
+            bad = [k for k, v in metrics.items() if k.startswith("loss") and not torch.isfinite(torch.tensor(float(v)))]
             if bad:
                 raise NonFiniteLossError(f"{agent.name}: {', '.join(bad)} non-finite at iteration "
                                          f"{state['iteration'] + 1}; the last checkpoint ({ckpt_path}) is kept")

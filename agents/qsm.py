@@ -7,7 +7,7 @@ critic's action gradient, ``|| -eps_theta(a_t, t | s) - q_coeff grad_a Q(s, a_t)
 buffer actions noised to ``a_t`` (eq. 8 in the sigma-scaled form DPPO's code uses;
 :class:`~diffpolicy.chain_losses.QScoreMatchingLoss`). Per iteration
 ``replay_ratio x frames / batch_size`` gradient steps; the first ``critic_warmup_iters``
-iterations train the critic only. Defaults are DPPO's Hopper values (reward x 0.01,
+iterations (and the first ones after a resume, whose buffer starts empty) train the critic only. Defaults are DPPO's Hopper values (reward x 0.01,
 ``q_coeff`` 50, tau 0.005, batch 256, replay ratio 32, 5 warm-up iterations).
 """
 
@@ -49,6 +49,7 @@ class QSM(OnlineChainAgent):
         self.critic_target = self.critic.make_target()
         self.loss = QScoreMatchingLoss(self.actor, self.critic.q_min, q_coeff=c.q_coeff)
         self.buffer = ReplayBuffer(storage=LazyTensorStorage(c.buffer_size), batch_size=c.batch_size)
+        self.warmup_end = c.critic_warmup_iters  # iterations before the actor trains
 
     def build_critic(self) -> nn.Module:
         c = self.config
@@ -63,7 +64,7 @@ class QSM(OnlineChainAgent):
             ("next", "reward"): flat["next", "reward"].reshape(-1) * c.reward_scale,
             ("next", "terminated"): flat["next", "terminated"].reshape(-1)}, batch_size=flat.shape[:1]))
         n_steps = max(1, int(c.replay_ratio * flat.shape[0] / c.batch_size))
-        train_actor = self.iterations >= c.critic_warmup_iters
+        train_actor = self.iterations >= self.warmup_end
         critic_losses, actor_losses = [], []
         for _ in range(n_steps):
             batch = self.buffer.sample()
@@ -85,3 +86,8 @@ class QSM(OnlineChainAgent):
                 "loss_actor": sum(actor_losses) / len(actor_losses) if actor_losses else 0.0,
                 "gradient_steps": float(n_steps), "buffer": float(len(self.buffer)),
                 "reward_mean": float(td["next", "reward"].mean())}
+
+    def _load_extra_state(self, state: dict) -> None:
+        # The replay buffer is not checkpointed (it can be large): after a resume the critic warms
+        # up again on fresh data before the actor follows its gradient.
+        self.warmup_end = self.iterations + self.config.critic_warmup_iters

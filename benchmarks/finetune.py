@@ -12,7 +12,10 @@ continues where it stopped (an unfinished run resumes from its checkpoint).
 
 Reported per method: D4RL-normalised score (deterministic evaluation on ``--eval-episodes``
 episodes) against environment steps (PNG: mean ± std over seeds), the score at 25 / 50 / 100 %
-of the budget, and wall-clock seconds per iteration (collection + update). Also, measured in
+of the budget, and wall-clock seconds per iteration (collection + update). An iteration is the
+same number of environment steps for every method (``num_envs x steps_per_iter x action_chunk``:
+the unchunked Gaussian PPO takes ``action_chunk`` times more decisions per iteration), so the
+evaluations fall on the same environment steps. Also, measured in
 this process: ``dppo_rollout_ratio_vs_bare``, the time of one DPPO collection iteration (chain
 machinery: rollout with log-probs, std floors, clipping, TorchRL collector) against the same
 iteration whose policy makes the same ``K`` bare network forwards.
@@ -77,8 +80,9 @@ def make_method(name: str, bc, gbc, args):
     from diffpolicy.agents.qsm import QSM
 
     common = dict(num_envs=args.num_envs, steps_per_iter=args.steps_per_iter)
-    if name == "gaussian_ppo":
-        return GaussianPPO.from_gaussian_bc(gbc, **common)
+    if name == "gaussian_ppo":  # one action per decision: as many decisions as env steps in an iteration
+        return GaussianPPO.from_gaussian_bc(gbc, num_envs=args.num_envs,
+                                            steps_per_iter=args.steps_per_iter * args.action_chunk)
     if name == "dppo":  # PPO on the last ft_steps denoising steps
         return DPPO.from_diffusion_bc(bc, ft_steps=min(args.ft_steps, bc.config.diffusion_steps), **common)
     cls = {"drwr": DRWR, "dawr": DAWR, "qsm": QSM}[name]  # whole-model regression losses: every step fine-tuned
@@ -107,7 +111,8 @@ def run_sb3(name: str, env_id: str, data, seed: int, args, run_dir: Path) -> dic
         kw = {"learning_starts": min(5000, args.env_steps // 10)} if algo is SAC else {}
         model = algo("MlpPolicy", env, seed=seed, verbose=0, **kw)
         state = {"history": [], "train_seconds": 0.0}
-    every = args.num_envs * args.steps_per_iter * args.eval_every
+    iter_steps = args.num_envs * args.steps_per_iter * args.action_chunk  # env steps of one iteration of the others
+    every = iter_steps * args.eval_every
 
     def score(returns):
         return data.normalized_score(returns)
@@ -139,7 +144,7 @@ def run_sb3(name: str, env_id: str, data, seed: int, args, run_dir: Path) -> dic
                     progress_bar=False)
     if state["history"][-1]["env_steps"] != model.num_timesteps:
         run_eval(model.num_timesteps)
-    iters = max(1, model.num_timesteps // (args.num_envs * args.steps_per_iter))
+    iters = max(1, model.num_timesteps // iter_steps)
     return {"history": state["history"], "seconds_per_iter": state["train_seconds"] / iters,
             "env_steps": model.num_timesteps}
 

@@ -130,7 +130,9 @@ class RunningReturnScaler:
         return {"ret": self.ret.clone(), "count": self.count, "mean": self.mean, "var": self.var}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ret, self.count, self.mean, self.var = state["ret"].clone(), state["count"], state["mean"], state["var"]
+        """Restore the return statistics; the running returns restart at 0 (a resumed run starts new episodes)."""
+        self.ret = torch.zeros_like(state["ret"])
+        self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
 
 
 def reward_weights(values: Tensor, beta: float, max_weight: float | None = None) -> Tensor:

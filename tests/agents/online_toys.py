@@ -30,6 +30,28 @@ NO_DATA = types.SimpleNamespace(obs_mean=np.zeros(1, np.float32), obs_std=np.one
                                 ref_min_score=None, dataset_id=None)
 
 
+class WalkEnv(gym.Env):
+    """Three steps then a time-limit truncation; an action above 0.5 terminates early. Reward ``-|a - 0.2| + t``."""
+
+    observation_space = gym.spaces.Box(-10.0, 10.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        a = float(np.asarray(action).reshape(-1)[0])
+        self.t += 1
+        return np.array([self.t], np.float32), -abs(a - 0.2) + self.t, a > 0.5, False, {}
+
+
+WALK_ID = "DiffpolicyTestWalk-v0"
+if WALK_ID not in gym.registry:
+    gym.register(id=WALK_ID, entry_point=WalkEnv, max_episode_steps=3)
+
+
 def mean_error(agent, episodes: int = 64) -> float:
     """``E|a - target|`` of the agent's deterministic action on fixed evaluation episodes."""
     res = evaluate(agent.act, TARGET_ID, episodes=episodes, seed=123, obs_loc=NO_DATA.obs_mean,

@@ -13,7 +13,7 @@ from diffpolicy.agents.dppo import DPPO, dppo_clip_schedule
 from diffpolicy.agents.online import explained_variance
 from diffpolicy.agents.online import OnlineConfig, train_online
 from diffpolicy.chain import rescore
-from online_toys import NO_DATA, TARGET_ID, mean_error
+from online_toys import NO_DATA, TARGET_ID, WALK_ID, mean_error
 
 
 def _agent(seed=0, **overrides):
@@ -76,6 +76,10 @@ def test_collected_log_probs_are_the_fine_tuned_steps_scores():
     torch.testing.assert_close(a1, agent._chain(obs, deterministic=True)["next", "x"][:, -1].clamp(-1, 1))
     explored = agent._chain(obs, deterministic=False)
     assert not torch.allclose(explored["next", "x"], explored["mean"])
+    # PPO's first pass: the loss re-scores the stored transitions to the stored log-probs (ratio 1, nothing clipped)
+    flat = TensorDict({"observation": obs, "chain_x": chain_x, "chain_log_prob": lp}, batch_size=[16])
+    out = agent.loss(agent.chain_transitions(flat, torch.randn(16)))
+    assert abs(float(out["ratio"]) - 1) < 1e-4 and float(out["clip_fraction"]) == 0 and abs(float(out["approx_kl"])) < 1e-6
     with pytest.raises(ValueError, match=r"ft_steps must be in \[1, 5\]"):
         _agent(ft_steps=6)
 
@@ -132,7 +136,6 @@ def test_an_update_changes_only_the_fine_tuned_steps_model():
     train_online(agent, TARGET_ID, NO_DATA, OnlineConfig(env_steps=256, eval_every=1, eval_episodes=1), progress=False)
     assert all(torch.equal(v, base0[k]) for k, v in agent.base.state_dict().items())  # the K - K' frozen steps
     assert any(not torch.equal(v, actor0[k]) for k, v in agent.actor.state_dict().items())
-    assert all(p.grad is None for p in agent.base.parameters())
 
 
 def test_each_denoising_step_gets_the_env_advantage_times_the_denoising_discount():
@@ -157,3 +160,62 @@ def test_a_chunking_policy_acts_in_chunks_the_env_executes_whole(tmp_path):
     out = train_online(agent, TARGET_ID, NO_DATA, OnlineConfig(env_steps=64, eval_every=1, eval_episodes=2),
                        run_dir=tmp_path, progress=False)
     assert out["iterations"] == 1 and out["env_steps"] == 64  # 4 envs x 8 decisions x 2 actions
+
+
+def test_gae_on_collected_steps_matches_a_hand_computation():
+    """TorchRL's GAE on real collector output: time axis, termination (no bootstrap) and truncation (bootstrap)."""
+    from torchrl.collectors import Collector
+
+    from diffpolicy.advantage import env_gae
+    from diffpolicy.envs.factory import make_env
+
+    torch.manual_seed(0)
+    agent = DPPO.from_diffusion_bc(DiffusionBC(1, 1, hidden=16, depth=1), num_envs=3, steps_per_iter=8,
+                                   min_sampling_std=0.5)
+    env = make_env(WALK_ID, num_envs=3)
+    env.set_seed(0)
+    col = Collector(env, agent.policy_module(), frames_per_batch=24, total_frames=-1,
+                    auto_register_policy_transforms=False)
+    td = next(iter(col))
+    col.shutdown()
+    assert td.shape == (3, 8)
+    term, done = td["next", "terminated"].squeeze(-1), td["next", "done"].squeeze(-1)
+    assert bool((done & ~term).any()) and bool(term.any())  # both kinds of episode end were collected
+    gamma, lmbda = 0.9, 0.8
+    env_gae(td, agent.critic, gamma=gamma, lmbda=lmbda)
+    with torch.no_grad():
+        v = agent.critic(td.select("observation").clone())["state_value"].squeeze(-1)
+        v_next = agent.critic(td["next"].select("observation").clone())["state_value"].squeeze(-1)
+    r = td["next", "reward"].squeeze(-1)
+    adv = torch.zeros(3, 8)
+    for e in range(3):
+        a = 0.0
+        for t in range(7, -1, -1):
+            delta = r[e, t] + gamma * v_next[e, t] * (~term[e, t]) - v[e, t]
+            a = delta + (gamma * lmbda * a if not done[e, t] else 0.0)
+            adv[e, t] = a
+    torch.testing.assert_close(td["advantage"].squeeze(-1), adv, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(td["value_target"].squeeze(-1), adv + v, rtol=1e-4, atol=1e-5)
+
+
+def test_one_env_and_resumed_qsm_and_drwr(tmp_path):
+    from diffpolicy.agents.drwr import DRWR
+    from diffpolicy.agents.qsm import QSM
+
+    # a single environment (unbatched in TorchRL) trains like any other count
+    out = train_online(_agent(num_envs=1, steps_per_iter=16, update_epochs=1), WALK_ID, NO_DATA,
+                       OnlineConfig(env_steps=32, eval_every=2, eval_episodes=1), progress=False)
+    assert out["iterations"] == 2
+    bc = DiffusionBC(1, 1, hidden=16, depth=1)
+    kw = dict(num_envs=2, steps_per_iter=8, replay_ratio=1, batch_size=8, critic_warmup_iters=1)
+    cfg = dict(eval_every=1, eval_episodes=1, checkpoint_every=1)
+    train_online(QSM.from_diffusion_bc(bc, **kw), WALK_ID, NO_DATA, OnlineConfig(env_steps=32, **cfg),
+                 run_dir=tmp_path / "qsm", progress=False)
+    q = QSM.from_diffusion_bc(bc, **kw)
+    train_online(q, WALK_ID, NO_DATA, OnlineConfig(env_steps=48, **cfg), run_dir=tmp_path / "qsm", progress=False)
+    assert q.iterations == 3 and q.warmup_end == 2 + 1  # the empty buffer after a resume: the critic warms up again
+    d = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)
+    train_online(d, WALK_ID, NO_DATA, OnlineConfig(env_steps=16, **cfg), run_dir=tmp_path / "drwr", progress=False)
+    d2 = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)
+    d2.load_training_state(torch.load(tmp_path / "drwr" / "checkpoint.pt", weights_only=True)["agent"])
+    assert d2.pending == [{}, {}] and d2.iterations == 1  # old episodes' steps are not spliced onto new ones
