@@ -1,0 +1,8 @@
+"""Images on the same diffusion core: data (scikit-learn's digits, folders of images) and offline
+quality metrics from a small digit classifier trained here (FID, KID, precision / recall,
+class accuracy)."""
+from .data import augment, load_digits, load_image_folder
+from .metrics import DigitClassifier, ImageMetrics, frechet_distance, kid, precision_recall
+
+__all__ = ["load_digits", "load_image_folder", "augment", "DigitClassifier", "ImageMetrics", "frechet_distance",
+           "kid", "precision_recall"]
