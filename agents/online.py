@@ -39,7 +39,13 @@ from diffpolicy.denoiser import DenoiserBase
 from diffpolicy.samplers import prior
 
 from .base import mlp
-from .trainer import NonFiniteLossError, _atomic_save, _Logger, _rng_state, _set_rng_state, _set_seed
+from diffpolicy.runlog import RunLogger as _Logger
+from diffpolicy.runlog import atomic_save as _atomic_save
+from diffpolicy.runlog import rng_state as _rng_state
+from diffpolicy.runlog import set_rng_state as _set_rng_state
+from diffpolicy.runlog import set_seed as _set_seed
+
+from .trainer import NonFiniteLossError
 
 __all__ = ["OnlineChainConfig", "OnlineChainAgent", "OnlineCheckpoint", "OnlineConfig", "train_online", "check_policy_shapes",
            "explained_variance"]

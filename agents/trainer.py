@@ -10,17 +10,20 @@ checkpoint is kept.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
 import pathlib
-import random
 import time
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from diffpolicy.runlog import RunLogger as _Logger
+from diffpolicy.runlog import atomic_save as _atomic_save
+from diffpolicy.runlog import rng_state as _rng_state
+from diffpolicy.runlog import set_rng_state as _set_rng_state
+from diffpolicy.runlog import set_seed as _set_seed
 
 from .base import OfflineAgent
 
@@ -42,32 +45,6 @@ class TrainConfig:
     log_every: int = 1_000
 
 
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    """RNG states as tensors and plain Python values, so checkpoints load with ``weights_only=True``."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                     cached], "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
-def _atomic_save(obj, path: pathlib.Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def evaluate_agent(agent: OfflineAgent, data, env_id: str | None = None, *, episodes: int = 10, seed: int = 0):
     """Evaluate ``agent.act`` on ``episodes`` episodes (fixed seeds); returns an ``EvalResult`` with scores."""
     from diffpolicy.envs.factory import evaluate
@@ -80,52 +57,6 @@ def evaluate_agent(agent: OfflineAgent, data, env_id: str | None = None, *, epis
                         obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset)
     finally:
         agent.train(was_training)
-
-
-class _Logger:
-    """CSV files (``train.csv``, ``eval.csv``) and TensorBoard events in the run directory."""
-
-    def __init__(self, run_dir: pathlib.Path | None, resume_step: int = 0):
-        self.run_dir, self.tb = run_dir, None
-        if run_dir is None:
-            return
-        for kind in ("train", "eval"):  # rows written after the checkpoint we resume from are redone
-            path = run_dir / f"{kind}.csv"
-            if path.exists():
-                with path.open(newline="") as f:
-                    rows = list(csv.DictReader(f))
-                keep = [r for r in rows if int(float(r["step"])) <= resume_step]
-                if len(keep) < len(rows):
-                    with path.open("w", newline="") as f:
-                        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                        w.writeheader()
-                        w.writerows(keep)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:  # pragma: no cover - tensorboard is a dependency
-            self.tb = None
-
-    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
-        if self.run_dir is None:
-            return
-        path = self.run_dir / f"{kind}.csv"
-        row = {"step": step, **values}
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
-            self.tb.flush()
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
 
 
 def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, *, env_id: str | None = None,

@@ -1,0 +1,85 @@
+"""Run directories shared by every training loop: seeds, RNG states in checkpoints, atomic saves,
+and CSV + TensorBoard logs that a resumed run continues without duplicate rows."""
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["set_seed", "rng_state", "set_rng_state", "atomic_save", "RunLogger"]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain Python values, so checkpoints load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached], "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def atomic_save(obj, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """CSV files (``train.csv``, ``eval.csv``) and TensorBoard events in the run directory."""
+
+    def __init__(self, run_dir: pathlib.Path | None, resume_step: int = 0):
+        self.run_dir, self.tb = run_dir, None
+        if run_dir is None:
+            return
+        for kind in ("train", "eval"):  # rows written after the checkpoint we resume from are redone
+            path = run_dir / f"{kind}.csv"
+            if path.exists():
+                with path.open(newline="") as f:
+                    rows = list(csv.DictReader(f))
+                keep = [r for r in rows if int(float(r["step"])) <= resume_step]
+                if len(keep) < len(rows):
+                    with path.open("w", newline="") as f:
+                        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                        w.writeheader()
+                        w.writerows(keep)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self.tb = None
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        if self.run_dir is None:
+            return
+        path = self.run_dir / f"{kind}.csv"
+        row = {"step": step, **values}
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
