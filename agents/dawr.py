@@ -18,7 +18,7 @@ import torch
 
 from diffpolicy.advantage import RunningReturnScaler, env_gae, reward_weights
 
-from .online import OnlineChainAgent, OnlineChainConfig
+from .online import OnlineChainAgent, OnlineChainConfig, with_scaled_rewards
 
 __all__ = ["DAWR", "DAWRConfig"]
 
@@ -45,10 +45,7 @@ class DAWR(OnlineChainAgent):
 
     def update(self, td) -> dict[str, float]:
         c = self.config
-        td = td.clone(False)
-        reward = td["next", "reward"]
-        if c.scale_rewards:
-            td["next", "reward"] = self.scaler(reward, td["next", "done"])
+        td, reward = with_scaled_rewards(td, self.scaler, c.scale_rewards)
         flat = td.reshape(-1)
         n = flat.shape[0]
         critic_losses = []

@@ -34,7 +34,7 @@ from torch import Tensor
 from diffpolicy.advantage import RunningReturnScaler, env_gae, spread_over_chain
 from diffpolicy.chain_losses import ChainPPOLoss
 
-from .online import OnlineChainAgent, OnlineChainConfig
+from .online import OnlineChainAgent, OnlineChainConfig, with_scaled_rewards
 
 __all__ = ["DPPO", "DPPOConfig", "dppo_clip_schedule"]
 
@@ -97,10 +97,7 @@ class DPPO(OnlineChainAgent):
     def update(self, td) -> dict[str, float]:
         """One DPPO iteration on a collector batch ``td [num_envs, T]``."""
         c = self.config
-        td = td.clone(False)
-        reward = td["next", "reward"]
-        if c.scale_rewards:
-            td["next", "reward"] = self.scaler(reward, td["next", "done"])
+        td, reward = with_scaled_rewards(td, self.scaler, c.scale_rewards)
         env_gae(td, self.critic, gamma=c.gamma, lmbda=c.gae_lambda)
         flat = td.reshape(-1)
         adv = flat["advantage"].reshape(-1)

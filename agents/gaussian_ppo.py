@@ -20,7 +20,7 @@ from diffpolicy.advantage import RunningReturnScaler
 
 from .base import mlp
 from .gaussian_bc import deterministic_action, tanh_normal_actor
-from .online import OnlineCheckpoint, explained_variance
+from .online import OnlineCheckpoint, explained_variance, with_scaled_rewards
 
 __all__ = ["GaussianPPO", "GaussianPPOConfig"]
 
@@ -90,10 +90,7 @@ class GaussianPPO(OnlineCheckpoint, nn.Module):
 
     def update(self, td) -> dict[str, float]:
         c = self.config
-        td = td.clone(False)
-        reward = td["next", "reward"]
-        if c.scale_rewards:
-            td["next", "reward"] = self.scaler(reward, td["next", "done"])
+        td, reward = with_scaled_rewards(td, self.scaler, c.scale_rewards)
         with torch.no_grad():
             self.gae(td)
         flat = td.reshape(-1)

@@ -41,6 +41,7 @@ from diffpolicy.samplers import prior
 from .base import mlp
 from diffpolicy.runlog import RunLogger as _Logger
 from diffpolicy.runlog import atomic_save as _atomic_save
+from diffpolicy.runlog import open_run
 from diffpolicy.runlog import rng_state as _rng_state
 from diffpolicy.runlog import set_rng_state as _set_rng_state
 from diffpolicy.runlog import set_seed as _set_seed
@@ -48,7 +49,7 @@ from diffpolicy.runlog import set_seed as _set_seed
 from .trainer import NonFiniteLossError
 
 __all__ = ["OnlineChainConfig", "OnlineChainAgent", "OnlineCheckpoint", "OnlineConfig", "train_online", "check_policy_shapes",
-           "explained_variance"]
+           "explained_variance", "with_scaled_rewards"]
 
 
 @dataclasses.dataclass
@@ -71,6 +72,16 @@ class OnlineChainConfig:
     max_grad_norm: float | None = 1.0
     critic_hidden: int = 256
     critic_depth: int = 3
+
+
+def with_scaled_rewards(td, scaler, enabled: bool = True):
+    """``(copy, raw_reward)``: a shallow copy of a collector batch whose rewards are divided by the
+    running std of the discounted return (``scaler``, when ``enabled``), and the rewards as collected."""
+    td = td.clone(False)
+    reward = td["next", "reward"]
+    if enabled:
+        td["next", "reward"] = scaler(reward, td["next", "done"])
+    return td, reward
 
 
 def explained_variance(pred: Tensor, target: Tensor) -> float:
@@ -275,19 +286,11 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
                                         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "env_steps"},
                                         "dataset": getattr(data, "dataset_id", None), "env_id": env_id}, default=str))
     state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
-    if ckpt_path is not None and ckpt_path.exists():
-        old = json.loads((run_path / "config.json").read_text())
-        if {k: v for k, v in old.items() if k != "env_steps"} != run_config:
-            diff = sorted(k for k in run_config if old.get(k) != run_config[k])
-            raise ValueError(f"{run_path} holds a run with a different configuration ({', '.join(diff)} differ); "
-                             "resume it with the same settings or use a new run_dir")
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    saved = open_run(run_path, run_config, {"env_steps": cfg.env_steps})
+    if saved is not None:
         agent.load_training_state(saved["agent"])
         state = saved["state"]
         _set_rng_state(saved["rng"])
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "config.json").write_text(json.dumps({**run_config, "env_steps": cfg.env_steps}, indent=1))
 
     chunk = getattr(agent, "action_chunk", 1)
     env = make_env(env_id, num_envs=a.num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std, action_chunk=chunk)

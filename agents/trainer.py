@@ -21,6 +21,7 @@ from torch import Tensor
 
 from diffpolicy.runlog import RunLogger as _Logger
 from diffpolicy.runlog import atomic_save as _atomic_save
+from diffpolicy.runlog import open_run
 from diffpolicy.runlog import rng_state as _rng_state
 from diffpolicy.runlog import set_rng_state as _set_rng_state
 from diffpolicy.runlog import set_seed as _set_seed
@@ -87,22 +88,15 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         "agent": agent.name, "agent_config": dataclasses.asdict(agent.config),
         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"},
         "dataset": data.dataset_id, "env_id": env_id, "reward_scale": reward_scale}, default=str))
-    if ckpt_path is not None and ckpt_path.exists():
-        old = json.loads((run_path / "config.json").read_text()) if (run_path / "config.json").exists() else None
-        if old is not None and "agent_config" in old:  # settings added to the agent since: at their defaults
-            defaults = json.loads(json.dumps(dataclasses.asdict(type(agent.config)()), default=str))
-            old["agent_config"] = {**defaults, **old["agent_config"]}
-        if old is not None and {k: v for k, v in old.items() if k != "steps"} != run_config:
-            diff = sorted(k for k in run_config if old.get(k) != run_config[k])
-            raise ValueError(f"{run_path} holds a run with a different configuration ({', '.join(diff)} differ); "
-                             "resume it with the same settings or use a new run_dir")
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never runs code from the file
+    def fill_old(old):  # settings added to the agent since the run started: at their defaults
+        defaults = json.loads(json.dumps(dataclasses.asdict(type(agent.config)()), default=str))
+        return {**old, "agent_config": {**defaults, **old.get("agent_config", {})}}
+
+    saved = open_run(run_path, run_config, {"steps": cfg.steps}, fill_old=fill_old)
+    if saved is not None:
         agent.load_state_dict(saved["agent"])
         state = saved["state"]
         _set_rng_state(saved["rng"])
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "config.json").write_text(json.dumps({**run_config, "steps": cfg.steps}, indent=1))
     logger = _Logger(run_path, resume_step=state["step"])
 
     def checkpoint():

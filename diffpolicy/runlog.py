@@ -3,6 +3,7 @@ and CSV + TensorBoard logs that a resumed run continues without duplicate rows."
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pathlib
 import random
@@ -10,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["set_seed", "rng_state", "set_rng_state", "atomic_save", "RunLogger"]
+__all__ = ["set_seed", "rng_state", "set_rng_state", "atomic_save", "open_run", "RunLogger"]
 
 
 def set_seed(seed: int) -> None:
@@ -37,6 +38,35 @@ def atomic_save(obj, path: pathlib.Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def open_run(run_dir, config: dict, budget: dict, *, fill_old=None) -> dict | None:
+    """Check and record a run directory; returns its checkpoint (or None for a new run).
+
+    ``config`` (JSON-able) must equal the ``config.json`` of an existing checkpointed run, except
+    for the ``budget`` keys (e.g. ``{"steps": n}``: a longer run continues the same one);
+    ``fill_old(old)`` may first complete an older file (settings added since, at their defaults).
+    Any difference raises a ValueError naming the differing keys, before anything is written.
+    The checkpoint loads with ``weights_only=True`` (it never runs code from the file).
+    """
+    if run_dir is None:
+        return None
+    path = pathlib.Path(run_dir)
+    ckpt = path / "checkpoint.pt"
+    saved = None
+    if ckpt.exists():
+        if (path / "config.json").exists():
+            old = json.loads((path / "config.json").read_text())
+            old = fill_old(old) if fill_old is not None else old
+            old = {k: v for k, v in old.items() if k not in budget}
+            if old != config:
+                diff = sorted(k for k in set(config) | set(old) if old.get(k) != config.get(k))
+                raise ValueError(f"{path} holds a run with a different configuration ({', '.join(diff)} differ); "
+                                 "resume it with the same settings or use a new run_dir")
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**config, **budget}, indent=1))
+    return saved
 
 
 class RunLogger:

@@ -33,7 +33,7 @@ def test_pretraining_resumes_exactly_and_refuses_other_settings(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [h["step"] for h in resumed["history"]] == [10, 20]
     assert (tmp_path / "train.csv").read_text().count("\n") == 3 and (tmp_path / "tb").is_dir()
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="different configuration"):
         pretrain_images(_cfg("ddpm_eps", steps=30, lr=3e-4), run_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown image family 'gan'"):
         pretrain_images(_cfg("gan"), progress=False)

@@ -33,7 +33,7 @@ from diffpolicy.denoiser import CFGDenoiser, ConsistencyPrecond, Denoiser, TrigF
 from diffpolicy.ema import EMA
 from diffpolicy.losses import consistency_training_loss, diffusion_loss
 from diffpolicy.nets import Unet2D
-from diffpolicy.runlog import RunLogger, atomic_save, rng_state, set_rng_state, set_seed
+from diffpolicy.runlog import RunLogger, atomic_save, open_run, rng_state, set_rng_state, set_seed
 from diffpolicy.samplers import consistency_timesteps, prior, run_sampler, sample
 
 from .data import augment, load_digits
@@ -103,23 +103,16 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
     ckpt = run_path / "checkpoint.pt" if run_path is not None else None
     conf = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}, default=list))
-    if ckpt is not None and ckpt.exists():
-        old = json.loads((run_path / "config.json").read_text())
-        if {k: v for k, v in old.items() if k != "steps"} != conf:
-            diff = sorted(k for k in conf if old.get(k) != conf[k])
-            raise ValueError(f"{run_path} holds a run with other settings ({', '.join(diff)}); use a new run_dir")
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved = open_run(run_path, conf, {"steps": cfg.steps})
+    if saved is not None:
         den.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         set_rng_state(saved["rng"])
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "config.json").write_text(json.dumps({**conf, "steps": cfg.steps}, indent=1))
     logger = RunLogger(run_path, resume_step=state["step"])
     gen = torch.Generator().manual_seed(cfg.seed)  # batches and augmentation
-    if ckpt is not None and ckpt.exists():
+    if saved is not None:
         gen.set_state(saved["data_rng"])
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"pretrain {cfg.family}", disable=not progress)
     den.train()
