@@ -356,14 +356,15 @@ def main(argv=None):
                 t = time.time()
                 r = run_one(m, args.env, data, bc, gbc, seed, args, run_root, result_root)
                 print(f"[{m} seed {seed}] final score {r['final_score']:.1f} ({time.time() - t:.0f} s)", flush=True)
-                write_outputs({**assemble(result_root, args.env, args.methods, args.env_steps), "budget": budget}, out)
+                write_outputs({**assemble(result_root, args.env, METHODS, args.env_steps), "budget": budget}, out)
         if not args.no_rollout_ratio:
             rr = rollout_ratio(bc, data, args.env, args.num_envs, min(args.steps_per_iter, 100), args.ft_steps)
             report["rollout"], report["dppo_rollout_ratio_vs_bare"] = rr, rr["ratio"]
     elif out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
         report.update({k: old[k] for k in ("rollout", "dppo_rollout_ratio_vs_bare") if k in old})
-    report = {**assemble(result_root, args.env, args.methods, args.env_steps), "budget": budget, **report}
+    # the table holds every finished run, also those of other invocations (e.g. another --methods)
+    report = {**assemble(result_root, args.env, METHODS, args.env_steps), "budget": budget, **report}
     write_outputs(report, out)
     print(out.with_suffix(".md").read_text())
     return report

@@ -269,6 +269,8 @@ def main(argv=None):
 
     from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
 
+    # the table holds every finished run, also those of other invocations (other --agents / --qualities)
+    table_keys = (list(dict.fromkeys(DEFAULT_QUALITIES + args.qualities)), list(dict.fromkeys(DEFAULT_AGENTS + args.agents)))
     budget = (f"Budget: {args.steps} gradient steps per run, batch {args.batch}, evaluation every {args.eval_every} "
               f"steps on {args.eval_episodes} episodes; datasets: {args.transitions} transitions (medium-replay: the SB3 "
               f"SAC replay buffer up to the medium checkpoint of a {args.behaviour_steps}-step run); seeds {args.seeds}.")
@@ -284,8 +286,8 @@ def main(argv=None):
                     t = time.time()
                     res = run_one(args.env, q, data[q], name, seed, args, run_root, result_root)
                     print(f"[{q} {name} seed {seed}] score {res['score']:.1f} ({time.time() - t:.0f} s)", flush=True)
-                    write_outputs({**assemble(result_root, args.env, args.qualities, args.agents, args.steps), "budget": budget}, out)
-    report = {**assemble(result_root, args.env, args.qualities, args.agents, args.steps), "budget": budget}
+                    write_outputs({**assemble(result_root, args.env, *table_keys, args.steps), "budget": budget}, out)
+    report = {**assemble(result_root, args.env, *table_keys, args.steps), "budget": budget}
     measure = (not args.assemble or args.measure)
     if measure and not args.no_throughput:
         q0 = args.qualities[0]
