@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .base import mlp
 
-__all__ = ["TwinQ", "TwinCriticMixin", "clipped_double_q_loss", "soft_update", "select_by_q"]
+__all__ = ["TwinQ", "TwinCriticMixin", "clipped_double_q_loss", "soft_update", "select_by_q", "frozen"]
 
 
 class TwinQ(nn.Module):
@@ -79,6 +79,17 @@ def select_by_q(obs: Tensor, candidates: Tensor, q_fn, temperature: float = 1.0)
     return candidates[torch.arange(B, device=obs.device), idx]
 
 
+@contextmanager
+def frozen(module: nn.Module):
+    """``module``'s parameters take no gradient inside the block (its outputs still pass gradients
+    to their inputs): a critic whose Q or action-gradient trains only the actor."""
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        module.requires_grad_(True)
+
+
 class TwinCriticMixin:
     """The critic half of an actor-critic :class:`~diffpolicy.agents.base.OfflineAgent`.
 
@@ -98,14 +109,9 @@ class TwinCriticMixin:
         self.step("critic", loss)
         return loss
 
-    @contextmanager
     def critic_frozen(self):
         """Gradients of a Q term flow to the actions (and the actor) but not into the critic."""
-        self.critic.requires_grad_(False)
-        try:
-            yield self.critic
-        finally:
-            self.critic.requires_grad_(True)
+        return frozen(self.critic)
 
     def update_critic_target(self) -> None:
         soft_update(self.critic_target, self.critic, self.config.tau)

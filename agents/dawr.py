@@ -18,7 +18,7 @@ import torch
 
 from diffpolicy.advantage import RunningReturnScaler, env_gae, reward_weights
 
-from .online import OnlineChainAgent, OnlineChainConfig, with_scaled_rewards
+from .online import OnlineChainAgent, OnlineChainConfig, explained_variance, with_scaled_rewards
 
 __all__ = ["DAWR", "DAWRConfig"]
 
@@ -46,8 +46,7 @@ class DAWR(OnlineChainAgent):
     def update(self, td) -> dict[str, float]:
         c = self.config
         td, reward = with_scaled_rewards(td, self.scaler, c.scale_rewards)
-        flat = td.reshape(-1)
-        n = flat.shape[0]
+        n = td.numel()
         critic_losses = []
         for _ in range(c.critic_epochs):  # TD(lambda) targets recomputed with the current critic each epoch
             env_gae(td, self.critic, gamma=c.gamma, lmbda=c.gae_lambda)
@@ -65,5 +64,5 @@ class DAWR(OnlineChainAgent):
         self.iterations += 1
         return {"loss_actor": loss, "loss_critic": sum(critic_losses) / len(critic_losses),
                 "weight_mean": float(w.mean()), "weight_max": float(w.max()),
-                "explained_variance": self.value_explained_variance(flat["observation"], flat["value_target"]),
+                "explained_variance": explained_variance(flat["state_value"], flat["value_target"]),  # trained critic
                 "reward_mean": float(reward.mean())}

@@ -20,7 +20,7 @@ from torch import Tensor
 from diffpolicy import schedules as S
 from diffpolicy.denoiser import Denoiser
 from diffpolicy.ema import EMA
-from diffpolicy.losses import diffusion_loss
+from diffpolicy.losses import diffusion_loss, masked_diffusion_loss
 from diffpolicy.nets import MLPDenoiser
 from diffpolicy.samplers import sample
 
@@ -92,9 +92,7 @@ class DiffusionBC(OfflineAgent):
         if valid is None:
             return diffusion_loss(self.actor, action.reshape(B, -1), obs).mean()
         mask = valid[..., None].expand_as(action).reshape(B, -1)
-        per_sample = diffusion_loss(self.actor, action.reshape(B, -1), obs, mask=mask)
-        n_valid = valid.to(per_sample.dtype).sum(1)  # a mean over all real steps of the batch
-        return (per_sample * n_valid).sum() / n_valid.sum().clamp_min(1.0)
+        return masked_diffusion_loss(self.actor, action.reshape(B, -1), obs, mask)
 
     def update_ema(self) -> None:
         """EMA every ``ema_every`` steps from ``ema_start`` on (Diffusion-QL); before, a plain copy."""

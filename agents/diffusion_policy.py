@@ -66,7 +66,7 @@ from torch import Tensor
 from diffpolicy import schedules as S
 from diffpolicy.denoiser import Denoiser
 from diffpolicy.ema import EMA
-from diffpolicy.losses import diffusion_loss
+from diffpolicy.losses import diffusion_loss, masked_diffusion_loss
 from diffpolicy.nets import TemporalUnet1D
 from diffpolicy.samplers import sample
 
@@ -177,9 +177,7 @@ class DiffusionPolicy(OfflineAgent):
         B = action.shape[0]
         if valid is None or not self.config.mask_padding:
             return diffusion_loss(self.actor, action, obs.reshape(B, -1), t=t, noise=noise).mean()
-        per_sample = diffusion_loss(self.actor, action, obs.reshape(B, -1), t=t, noise=noise, mask=valid[..., None])
-        n_valid = valid.to(per_sample.dtype).sum(1)  # weight each chunk by its real steps: a mean over all of them
-        return (per_sample * n_valid).sum() / n_valid.sum().clamp_min(1.0)
+        return masked_diffusion_loss(self.actor, action, obs.reshape(B, -1), valid[..., None], t=t, noise=noise)
 
     def update(self, batch) -> dict[str, Tensor]:
         lr = self.lr_at(self.num_updates)

@@ -34,7 +34,7 @@ from torch import Tensor
 from diffpolicy.advantage import RunningReturnScaler, env_gae, spread_over_chain
 from diffpolicy.chain_losses import ChainPPOLoss
 
-from .online import OnlineChainAgent, OnlineChainConfig, with_scaled_rewards
+from .online import OnlineChainAgent, OnlineChainConfig, explained_variance, with_scaled_rewards
 
 __all__ = ["DPPO", "DPPOConfig", "dppo_clip_schedule"]
 
@@ -107,23 +107,20 @@ class DPPO(OnlineChainAgent):
         obs, target = flat["observation"], flat["value_target"]
         stats: dict[str, list[float]] = {k: [] for k in ("loss_actor", "loss_critic", "clip_fraction", "approx_kl",
                                                          "ratio")}
-        for _ in range(c.update_epochs):
-            perm, perm_s = torch.randperm(steps.shape[0]), torch.randperm(obs.shape[0])
-            for mb, mb_s in zip(perm.chunk(c.minibatches), perm_s.chunk(c.minibatches)):
-                out = self.loss(steps[mb])
-                self._step(self.actor_opt, out["loss_objective"], self.actor.parameters())
-                v_loss = self.critic_step(obs[mb_s], target[mb_s])
-                for k, v in (("loss_actor", out["loss_objective"]), ("loss_critic", v_loss),
-                             ("clip_fraction", out["clip_fraction"]), ("approx_kl", out["approx_kl"]),
-                             ("ratio", out["ratio"])):
-                    stats[k].append(float(v.detach()))
-                if c.target_kl is not None and stats["approx_kl"][-1] > c.target_kl:
-                    break
-            else:
-                continue
-            break  # approx-KL passed target_kl: no more epochs this iteration
+        minibatches = ((mb, mb_s) for _ in range(c.update_epochs)
+                       for mb, mb_s in zip(torch.randperm(steps.shape[0]).chunk(c.minibatches),
+                                           torch.randperm(obs.shape[0]).chunk(c.minibatches)))
+        for mb, mb_s in minibatches:
+            out = self.loss(steps[mb])
+            self._step(self.actor_opt, out["loss_objective"], self.actor.parameters())
+            v_loss = self.critic_step(obs[mb_s], target[mb_s])
+            for k, v in (("loss_actor", out["loss_objective"]), ("loss_critic", v_loss),
+                         ("clip_fraction", out["clip_fraction"]), ("approx_kl", out["approx_kl"]), ("ratio", out["ratio"])):
+                stats[k].append(float(v.detach()))
+            if c.target_kl is not None and stats["approx_kl"][-1] > c.target_kl:
+                break  # approx-KL passed target_kl: no more minibatches this iteration
         self.iterations += 1
         metrics = {k: sum(v) / len(v) for k, v in stats.items()}
-        metrics.update(explained_variance=self.value_explained_variance(obs, target), reward_mean=float(reward.mean()),
-                       epochs_run=len(stats["ratio"]) / c.minibatches)
+        metrics.update(explained_variance=explained_variance(flat["state_value"], target),
+                       reward_mean=float(reward.mean()), epochs_run=len(stats["ratio"]) / c.minibatches)
         return metrics

@@ -95,32 +95,26 @@ class GaussianPPO(OnlineCheckpoint, nn.Module):
             self.gae(td)
         flat = td.reshape(-1)
         stats: dict[str, list[float]] = {k: [] for k in ("loss_actor", "loss_critic", "clip_fraction", "approx_kl")}
-        for _ in range(c.update_epochs):
-            stop = False
-            for mb in torch.randperm(flat.shape[0]).chunk(c.minibatches):
-                out = self.loss(flat[mb])
-                loss = out["loss_objective"] + out["loss_critic"] + out.get("loss_entropy", 0.0)
-                self.actor_opt.zero_grad(set_to_none=True)
-                self.critic_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
-                    nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
-                self.actor_opt.step()
-                self.critic_opt.step()
-                for k, key in (("loss_actor", "loss_objective"), ("loss_critic", "loss_critic"),
-                               ("clip_fraction", "clip_fraction"), ("approx_kl", "kl_approx")):
-                    if key in out.keys():
-                        stats[k].append(float(out[key].detach()))
-                if c.target_kl is not None and stats["approx_kl"] and stats["approx_kl"][-1] > c.target_kl:
-                    stop = True
-                    break
-            if stop:
-                break
+        minibatches = (mb for _ in range(c.update_epochs) for mb in torch.randperm(flat.shape[0]).chunk(c.minibatches))
+        for mb in minibatches:
+            out = self.loss(flat[mb])
+            loss = out["loss_objective"] + out["loss_critic"] + out.get("loss_entropy", 0.0)
+            self.actor_opt.zero_grad(set_to_none=True)
+            self.critic_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
+                nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
+            self.actor_opt.step()
+            self.critic_opt.step()
+            for k, key in (("loss_actor", "loss_objective"), ("loss_critic", "loss_critic"),
+                           ("clip_fraction", "clip_fraction"), ("approx_kl", "kl_approx")):
+                if key in out.keys():
+                    stats[k].append(float(out[key].detach()))
+            if c.target_kl is not None and stats["approx_kl"] and stats["approx_kl"][-1] > c.target_kl:
+                break  # no more minibatches this iteration
         self.iterations += 1
-        with torch.no_grad():
-            v = self.critic(flat.select("observation").clone())["state_value"]
         metrics = {k: (sum(v_) / len(v_) if v_ else 0.0) for k, v_ in stats.items()}
-        metrics.update(explained_variance=explained_variance(v.reshape(-1), flat["value_target"].reshape(-1)),
+        metrics.update(explained_variance=explained_variance(flat["state_value"], flat["value_target"]),
                        reward_mean=float(reward.mean()))
         return metrics

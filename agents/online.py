@@ -35,17 +35,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffpolicy.chain import rollout
+from diffpolicy.chain_losses import RewardWeightedLoss
 from diffpolicy.denoiser import DenoiserBase
+from diffpolicy.runlog import RunLogger, atomic_save, open_run, rng_state, set_rng_state, set_seed
 from diffpolicy.samplers import prior
 
 from .base import mlp
-from diffpolicy.runlog import RunLogger as _Logger
-from diffpolicy.runlog import atomic_save as _atomic_save
-from diffpolicy.runlog import open_run
-from diffpolicy.runlog import rng_state as _rng_state
-from diffpolicy.runlog import set_rng_state as _set_rng_state
-from diffpolicy.runlog import set_seed as _set_seed
-
 from .trainer import NonFiniteLossError
 
 __all__ = ["OnlineChainConfig", "OnlineChainAgent", "OnlineCheckpoint", "OnlineConfig", "train_online", "check_policy_shapes",
@@ -85,7 +80,9 @@ def with_scaled_rewards(td, scaler, enabled: bool = True):
 
 
 def explained_variance(pred: Tensor, target: Tensor) -> float:
-    """``1 - Var[target - pred] / Var[target]`` (nan when the target is constant)."""
+    """``1 - Var[target - pred] / Var[target]`` (nan when the target is constant); the agents pass the
+    critic's values on the collected batch (``state_value``, written by GAE) before the update."""
+    pred, target = pred.reshape(-1), target.reshape(-1)
     var = target.var()
     return float("nan") if float(var) == 0 else float(1 - (target - pred).var() / var)
 
@@ -185,7 +182,7 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
         """Deterministic evaluation action (the noise-free chain), in ``[-1, 1]``."""
         return self._chain(obs, deterministic=True)["next", "x"][:, -1].clamp(-1.0, 1.0)
 
-    def reset(self) -> None:  # no per-episode state (single-step actions)
+    def reset(self) -> None:  # no per-episode state: action chunks run whole inside the env
         pass
 
     def policy_module(self) -> TensorDictModule:
@@ -215,8 +212,6 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
         """Weighted diffusion regression of the actor on ``(obs, actions)`` (DRWR / DAWR's update);
         ``epochs`` passes in minibatches of ``batch_size`` (the last partial one dropped, as DPPO's
         code does). Returns the mean loss."""
-        from diffpolicy.chain_losses import RewardWeightedLoss
-
         loss_fn = RewardWeightedLoss(self.actor)
         n, losses = obs.shape[0], []
         nb = max(1, n // batch_size)
@@ -231,10 +226,7 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
                 losses.append(float(loss.detach()))
         return sum(losses) / len(losses)
 
-    @torch.no_grad()
-    def value_explained_variance(self, obs: Tensor, value_target: Tensor) -> float:
-        v = self.critic(TensorDict({"observation": obs}, batch_size=obs.shape[:1]))["state_value"]
-        return explained_variance(v.reshape(-1), value_target.reshape(-1))
+
 
 class _Explore(nn.Module):
     def __init__(self, agent: OnlineChainAgent):
@@ -281,7 +273,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
     frames = a.num_envs * a.steps_per_iter  # decisions per iteration (env steps / action_chunk)
     iterations = -(-cfg.env_steps // (frames * getattr(agent, "action_chunk", 1)))
-    _set_seed(cfg.seed)
+    set_seed(cfg.seed)
     run_config = json.loads(json.dumps({"agent": agent.name, "agent_config": dataclasses.asdict(a),
                                         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "env_steps"},
                                         "dataset": getattr(data, "dataset_id", None), "env_id": env_id}, default=str))
@@ -290,7 +282,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     if saved is not None:
         agent.load_training_state(saved["agent"])
         state = saved["state"]
-        _set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])
 
     chunk = getattr(agent, "action_chunk", 1)
     env = make_env(env_id, num_envs=a.num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std, action_chunk=chunk)
@@ -298,7 +290,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     env.set_seed(cfg.seed + 1000 * state["iteration"])
     collector = Collector(env, agent.policy_module(), frames_per_batch=frames, total_frames=-1,
                           auto_register_policy_transforms=False)
-    logger = _Logger(run_path, resume_step=state["env_steps"])
+    logger = RunLogger(run_path, resume_step=state["env_steps"])
     score_fn = data.normalized_score if getattr(data, "ref_min_score", None) is not None else None
 
     def run_eval():
@@ -314,7 +306,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
 
     def checkpoint():
         if ckpt_path is not None:
-            _atomic_save({"agent": agent.training_state(), "state": state, "rng": _rng_state()}, ckpt_path)
+            atomic_save({"agent": agent.training_state(), "state": state, "rng": rng_state()}, ckpt_path)
 
     bar = tqdm(total=iterations, initial=state["iteration"], desc=agent.name, unit="iter", disable=not progress)
     try:

@@ -20,7 +20,7 @@ from torch import nn
 
 from diffpolicy.chain_losses import QScoreMatchingLoss
 
-from .critics import TwinQ, clipped_double_q_loss, soft_update
+from .critics import TwinQ, clipped_double_q_loss, frozen, soft_update
 from .online import OnlineChainAgent, OnlineChainConfig
 
 __all__ = ["QSM", "QSMConfig"]
@@ -73,11 +73,8 @@ class QSM(OnlineChainAgent):
             self._step(self.critic_opt, q_loss, self.critic.parameters())
             critic_losses.append(float(q_loss.detach()))
             if train_actor:
-                self.critic.requires_grad_(False)  # the QSM target is a fixed gradient field
-                try:
+                with frozen(self.critic):  # the QSM target is a fixed gradient field
                     a_loss = self.loss(batch)["loss_qsm"]
-                finally:
-                    self.critic.requires_grad_(True)
                 self._step(self.actor_opt, a_loss, self.actor.parameters())
                 actor_losses.append(float(a_loss.detach()))
             soft_update(self.critic_target, self.critic, c.tau)

@@ -119,7 +119,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         value stops the run, naming its first step, before anything after it is logged or saved."""
         means = {}
         for k, rows in pending.items():
-            values = torch.stack([v for _, v in rows]).cpu()
+            values = torch.stack([v for _, v in rows]).double().cpu()  # one conversion and transfer per row
             bad = (~torch.isfinite(values)).nonzero()
             if len(bad):
                 i = int(bad[0, 0])
@@ -141,8 +141,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
             state["step"] += 1
             step = state["step"]
             for k, v in metrics.items():
-                v = v.detach().reshape(()).double() if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
-                pending.setdefault(k, []).append((step, v))
+                pending.setdefault(k, []).append((step, v.detach().reshape(()) if isinstance(v, Tensor) else torch.tensor(v)))
             eval_now = evaluate and (step % cfg.eval_every == 0 or step == cfg.steps)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 means = flush()

@@ -109,6 +109,14 @@ def diffusion_loss(denoiser: DenoiserBase, x0: Tensor, cond=None, *, t: Tensor |
     return err * w.reshape(B, -1)[:, 0]
 
 
+def masked_diffusion_loss(denoiser: DenoiserBase, x0: Tensor, cond, mask: Tensor, **kwargs) -> Tensor:
+    """Scalar :func:`diffusion_loss` averaged over the elements of the whole batch where ``mask``
+    (broadcastable to ``x0``) is true, e.g. the real steps of padded action chunks."""
+    per_sample = diffusion_loss(denoiser, x0, cond, mask=mask, **kwargs)  # mean over each sample's masked-in elements
+    count = torch.broadcast_to(mask, x0.shape).flatten(1).sum(1).to(per_sample.dtype)
+    return (per_sample * count).sum() / count.sum().clamp_min(1.0)
+
+
 def flow_matching_loss(denoiser: DenoiserBase, x0: Tensor, cond=None, **kwargs) -> Tensor:
     """Conditional flow matching / rectified flow (Lipman et al. 2023 eq. 23; Liu et al. 2023 eq. 1).
 

@@ -12,51 +12,46 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["make_env", "make_gym_env", "evaluate", "EvalResult", "ENV_IDS"]
+__all__ = ["make_env", "make_gym_env", "evaluate", "EvalResult", "ActionChunk", "ENV_IDS"]
 
 ENV_IDS = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Pendulum-v1")
 
 
-def _action_chunk_wrapper():
-    import gymnasium as gym
+class ActionChunk(gym.Wrapper):
+    """Executes a chunk of ``n`` actions per step (DPPO's ``multi_step`` wrapper, ``act_steps``).
 
-    class ActionChunk(gym.Wrapper):
-        """Executes a chunk of ``n`` actions per step (DPPO's ``multi_step`` wrapper, ``act_steps``).
+    The action space is the base box tiled ``n`` times and flattened, ``[n * act_dim]``;
+    ``step`` runs the actions in order, sums their rewards and stops early when the episode
+    terminates or is truncated. ``info["chunk_steps"]`` is the number of env steps taken.
+    """
 
-        The action space is the base box tiled ``n`` times and flattened, ``[n * act_dim]``;
-        ``step`` runs the actions in order, sums their rewards and stops early when the episode
-        terminates or is truncated. ``info["chunk_steps"]`` is the number of env steps taken.
-        """
+    def __init__(self, env, n: int):
+        super().__init__(env)
+        if n < 1:
+            raise ValueError(f"action_chunk must be >= 1, got {n}")
+        box = env.action_space
+        self.n, self.act_dim = n, box.shape[0]
+        self.action_space = gym.spaces.Box(np.tile(box.low, n), np.tile(box.high, n), dtype=box.dtype)
 
-        def __init__(self, env, n: int):
-            super().__init__(env)
-            if n < 1:
-                raise ValueError(f"action_chunk must be >= 1, got {n}")
-            box = env.action_space
-            self.n, self.act_dim = n, box.shape[0]
-            self.action_space = gym.spaces.Box(np.tile(box.low, n), np.tile(box.high, n), dtype=box.dtype)
-
-        def step(self, action):
-            actions = np.asarray(action).reshape(self.n, self.act_dim)
-            total, info = 0.0, {}
-            for k in range(self.n):
-                obs, reward, terminated, truncated, info = self.env.step(actions[k])
-                total += float(reward)
-                if terminated or truncated:
-                    break
-            return obs, total, terminated, truncated, {**info, "chunk_steps": k + 1}
-
-    return ActionChunk
+    def step(self, action):
+        actions = np.asarray(action).reshape(self.n, self.act_dim)
+        total, info = 0.0, {}
+        for k in range(self.n):
+            obs, reward, terminated, truncated, info = self.env.step(actions[k])
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, {**info, "chunk_steps": k + 1}
 
 
 def make_gym_env(env_id: str, normalized_actions: bool = True, action_chunk: int = 1):
     """A gymnasium env whose actions live in ``[-1, 1]`` (clipped, then rescaled to the env's box);
     with ``action_chunk > 1`` each step takes a flattened chunk of that many actions."""
-    import gymnasium as gym
     from gymnasium.wrappers import ClipAction, RescaleAction
 
     try:
@@ -67,7 +62,7 @@ def make_gym_env(env_id: str, normalized_actions: bool = True, action_chunk: int
         ones = np.ones(env.action_space.shape, dtype=np.float32)
         env = ClipAction(RescaleAction(env, -ones, ones))
     if action_chunk != 1:
-        env = _action_chunk_wrapper()(env, action_chunk)
+        env = ActionChunk(env, action_chunk)
     return env
 
 
@@ -143,7 +138,6 @@ def evaluate(policy: Callable[[Tensor], Tensor], env_id: str, *, episodes: int =
     ``reset`` is called once before the episodes (e.g. to clear an action-chunk queue).
     With ``action_chunk > 1`` the policy returns flattened chunks that the env executes whole.
     """
-    import gymnasium as gym
     from torchrl.envs.utils import step_mdp
 
     env = make_env(env_id, num_envs=episodes, obs_loc=obs_loc, obs_scale=obs_scale, device=device,

@@ -40,3 +40,12 @@ def test_pretraining_resumes_exactly_and_refuses_other_settings(tmp_path):
     with pytest.raises(ValueError, match="divisible by 2"):
         pretrain_images(_cfg("ddpm_eps"), data=(torch.zeros(4, 1, 7, 7), torch.zeros(4, dtype=torch.long)),
                         progress=False)
+
+
+def test_a_non_finite_loss_stops_with_its_step_before_saving(tmp_path):
+    x = torch.zeros(8, 1, 8, 8)
+    x[3] = float("nan")  # one poisoned image: the first batch that draws it gives a nan loss
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step \d+"):
+        pretrain_images(_cfg("ddpm_eps", steps=20, checkpoint_every=20), data=(x, torch.zeros(8, dtype=torch.long)),
+                        run_dir=tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()

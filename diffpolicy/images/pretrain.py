@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import time
 
 import torch
 from torch import Tensor
@@ -99,7 +98,7 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
         raise ValueError(f"images must be [N, C, H, W] with H, W divisible by {den.net.size_multiple}; got {tuple(x.shape)}")
     ema = EMA(den, cfg.ema_decay, warmup=True)
     opt = torch.optim.Adam(den.parameters(), lr=cfg.lr)
-    state = {"step": 0, "history": [], "train_seconds": 0.0}
+    state = {"step": 0, "history": []}
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
     ckpt = run_path / "checkpoint.pt" if run_path is not None else None
     conf = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}, default=list))
@@ -116,15 +115,22 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
         gen.set_state(saved["data_rng"])
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"pretrain {cfg.family}", disable=not progress)
     den.train()
-    losses, t0 = [], time.perf_counter()
+    losses = []
+
+    def check_finite(values: list[Tensor]) -> Tensor:
+        stacked = torch.stack(values).cpu()
+        bad = (~torch.isfinite(stacked)).nonzero()
+        if len(bad):
+            step = state["step"] - len(values) + int(bad[0, 0]) + 1
+            raise FloatingPointError(f"{cfg.family}: loss is {float(stacked[bad[0, 0]])} at step {step}; "
+                                     f"the last checkpoint ({ckpt}) is kept")
+        return stacked
+
     try:
         while state["step"] < cfg.steps:
             idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
             x0 = augment(x[idx], shift=cfg.shift, generator=gen) if cfg.shift else x[idx]
             loss = _loss(den, cfg, x0, y[idx] if cfg.class_conditional else None, state["step"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{cfg.family}: loss is {float(loss)} at step {state['step'] + 1}; "
-                                         f"the last checkpoint ({ckpt}) is kept")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -132,15 +138,16 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
             state["step"] += 1
             losses.append(loss.detach())
             bar.update(1)
+            save = ckpt is not None and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps)
+            if save or state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
+                recent = check_finite(losses)  # one device read per log row, before anything is saved
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
-                mean = float(torch.stack(losses).mean())
+                mean = float(recent.mean())
                 state["history"].append({"step": state["step"], "loss": mean})
                 logger.write("train", state["step"], {"loss": mean})
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 losses = []
-            if ckpt is not None and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps):
-                state["train_seconds"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
+            if save:
                 atomic_save({"model": den.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "state": state, "rng": rng_state(), "data_rng": gen.get_state()}, ckpt)
     finally:
