@@ -47,7 +47,8 @@ class DPPOConfig(OnlineChainConfig):
     scale_rewards: bool = True          # divide by the running std of the discounted return
     normalize_advantage: bool = True    # standardise env-level advantages per iteration
     clip_epsilon: float = 0.01          # PPO clip at the last denoising step
-    clip_epsilon_base: float = 1e-3     # ... at the first fine-tuned step
+    clip_epsilon_base: float = 0.01     # ... at the first fine-tuned step (their Gym configs: flat 0.01;
+                                        # Robomimic / Furniture: 1e-3, growing to clip_epsilon)
     clip_epsilon_rate: float = 3.0      # growth rate between them
     update_epochs: int = 10
     minibatches: int = 4                # per epoch, over the N x K' chain transitions
