@@ -205,13 +205,18 @@ class CFGDenoiser(_Wrapper):
         self.scale = scale
         self.null_cond = null_cond
 
+    @staticmethod
+    def _null_like(null_cond: Tensor | None, cond: Tensor) -> Tensor | None:
+        """``null_cond`` broadcast to the batch of ``cond`` (None stays None: the inner model gets no cond)."""
+        return None if null_cond is None else null_cond.to(cond).expand_as(cond)
+
     def forward(self, x, t, cond=None):
         if cond is None:
             raise ValueError("CFGDenoiser needs the conditioning cond (the unconditional half is made here)")
         if self.null_cond is None:
             cond_out, uncond_out = self.inner(x, t, cond), self.inner(x, t, None)
         else:
-            null = self.null_cond.to(cond).expand_as(cond)
+            null = self._null_like(self.null_cond, cond)
             out = self.inner(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
             cond_out, uncond_out = out.chunk(2)
         return uncond_out + self.scale * (cond_out - uncond_out)

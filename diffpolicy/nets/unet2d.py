@@ -77,6 +77,9 @@ class Unet2D(nn.Module):
         time_dim: embedding size (default ``4 * base_channels``).
         attention: add single-head self-attention at the lowest resolution.
         groups: GroupNorm groups.
+        guidance_embed: also condition on a guidance weight ``w``: ``cond`` is then the pair
+            ``(labels or None, w [B])`` and a sinusoidal embedding of ``w`` is added to the
+            time embedding (the guidance-conditioned student of Meng et al. 2023 §3.1).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Unet2D(nn.Module):
         time_dim: Optional[int] = None,
         attention: bool = False,
         groups: int = 8,
+        guidance_embed: bool = False,
     ):
         super().__init__()
         chans = [base_channels * m for m in channel_mults]
@@ -102,6 +106,7 @@ class Unet2D(nn.Module):
         self.size_multiple = 2 ** (len(chans) - 1)
         self.time_embed = TimeEmbedding(base_channels, emb_dim, out_dim=emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.guidance_embed = TimeEmbedding(base_channels, emb_dim, out_dim=emb_dim) if guidance_embed else None
 
         def res(c_in: int, c_out: int) -> ResBlock2D:
             return ResBlock2D(c_in, c_out, emb_dim, groups)
@@ -153,6 +158,11 @@ class Unet2D(nn.Module):
                              f"(2 ** (len(channel_mults) - 1))")
         batch = x.shape[0]
         emb = self.time_embed(broadcast_time(t, batch, x))
+        if self.guidance_embed is not None:
+            if not isinstance(cond, (tuple, list)) or len(cond) != 2:
+                raise ValueError("this network was built with guidance_embed=True: cond must be (labels or None, w [B])")
+            cond, w = cond
+            emb = emb + self.guidance_embed(broadcast_time(w, batch, x) * 100.0)
         if self.class_embed is not None:
             emb = emb + self.class_embed(self._labels(cond, batch, x.device))
         elif cond is not None:

@@ -323,3 +323,15 @@ def test_gradients_reach_every_parameter(name):
         assert p.grad.abs().sum() > 0, pname
     if name == "unet2d_attention":
         assert any(type(m).__name__ == "SelfAttention2D" for m in net.modules())
+
+
+def test_unet2d_guidance_embedding_uses_w_and_demands_the_pair():
+    net = Unet2D(1, 16, (1, 2), 1, num_classes=N_CLASSES, guidance_embed=True).eval()
+    x, t, labels = sample_x("unet2d", 4), torch.full((4,), 10.0), torch.tensor([0, 3, 7, 9])
+    a, b = net(x, t, (labels, torch.full((4,), 1.0))), net(x, t, (labels, torch.full((4,), 4.0)))
+    assert (a - b).flatten(1).abs().amax(1).min() > 1e-5  # every row sees its own w
+    mixed = net(x, t, (labels, torch.tensor([1.0, 4.0, 1.0, 4.0])))
+    torch.testing.assert_close(mixed[[0, 2]], a[[0, 2]])
+    torch.testing.assert_close(mixed[[1, 3]], b[[1, 3]])
+    with pytest.raises(ValueError, match=r"cond must be \(labels or None, w \[B\]\)"):
+        net(x, t, labels)
