@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 
 import torch
 from torch import Tensor
@@ -85,7 +86,8 @@ def _loss(den: Denoiser, cfg: ImagePretrainConfig, x0: Tensor, labels: Tensor | 
 
 def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, progress: bool = True,
                     data: tuple[Tensor, Tensor] | None = None) -> dict:
-    """Train ``cfg.family`` on the digits (or ``data = (images, labels)``); returns ``model``, ``ema``, ``history``.
+    """Train ``cfg.family`` on the digits (or ``data = (images, labels)``); returns ``model``, ``ema``,
+    ``history``, ``steps`` and ``seconds`` (training wall time, over all sessions of a resumed run).
 
     With ``run_dir``: ``config.json``, ``train.csv``, ``tb/`` and ``checkpoint.pt``; a second call
     with the same settings and a larger ``steps`` continues the run.
@@ -116,6 +118,8 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"pretrain {cfg.family}", disable=not progress)
     den.train()
     losses = []
+    state.setdefault("seconds", 0.0)  # training wall time, summed over resumed sessions
+    start = time.perf_counter()
 
     def check_finite(values: list[Tensor]) -> Tensor:
         stacked = torch.stack(values).cpu()
@@ -147,13 +151,18 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
                 logger.write("train", state["step"], {"loss": mean})
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 losses = []
+            if save or state["step"] == cfg.steps:
+                now = time.perf_counter()
+                state["seconds"] += now - start
+                start = now
             if save:
                 atomic_save({"model": den.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "state": state, "rng": rng_state(), "data_rng": gen.get_state()}, ckpt)
     finally:
         bar.close()
         logger.close()
-    return {"model": den, "ema": ema.module.eval(), "history": state["history"], "steps": state["step"]}
+    return {"model": den, "ema": ema.module.eval(), "history": state["history"], "steps": state["step"],
+            "seconds": state["seconds"]}
 
 
 def sample_images(model: Denoiser, n: int, size: int, steps: int, sampler: str = "ddim", *,

@@ -1,0 +1,423 @@
+"""Image diffusion on the digits: FID against NFE for every pre-trained family and sampler, and
+for distilled students at 1, 2 and 4 steps beside their teachers.
+
+What is measured (``python benchmarks/images.py``; ``--quick`` is a smoke run of a few minutes):
+
+* **Teachers**: every family of :mod:`diffpolicy.images.pretrain` (DDPM eps / x0 / v, rectified
+  flow, consistency training, TrigFlow), class-conditional, ``--pretrain-steps`` steps on the
+  8x8 digits; each sampled with its samplers at the NFE grid (conditional, no CFG: one network
+  evaluation per step).
+* **Students** (``diffpolicy.distill``, trained with :func:`~diffpolicy.distill.train.train_student`):
+  progressive distillation of the v-teacher from 32 steps down to 1 (``pd``), consistency
+  distillation of the v-teacher (``cd``), reflow of the RF teacher (``reflow``) and InstaFlow's
+  one-step student of that 2-RF (``instaflow``), and DMD's one-step generator from the v-teacher
+  (``dmd``: distribution matching with an online fake score plus the regression loss).
+* **Metrics**: FID in the 64-d features of the digit classifier trained here, of ``--samples``
+  generated images against the held-out digits; the floor is the same number of real train
+  images against the held-out ones. Wall time to train and per sampling call.
+
+Each teacher and student writes its own result file under ``results/images_runs/`` and resumes
+from its run directory, so a stopped sweep continues; the table is assembled from whatever
+exists (``--assemble``). Outputs: ``results/images.{json,md,png}`` and ``images_samples.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+NFES = [1, 2, 4, 8, 16, 32, 50]
+TEACHER_SAMPLERS = {  # family -> [(sampler, nfe grid)], one network evaluation per step
+    "ddpm_eps": [("ddim", NFES), ("dpmpp_2m", [4, 8, 16, 32])],
+    "ddpm_x0": [("ddim", NFES)],
+    "ddpm_v": [("ddim", NFES), ("dpmpp_2m", [4, 8, 16, 32])],
+    "rf": [("rf_euler", NFES)],
+    "ct": [("consistency", [1, 2, 4])],
+    "trigflow": [("ddim", NFES), ("trigflow", [1, 2])],
+}
+STUDENTS = {"pd": "ddpm_v", "cd": "ddpm_v", "reflow": "rf", "instaflow": "rf", "dmd": "ddpm_v"}
+STUDENT_SAMPLER = {"pd": "ddim", "cd": "consistency", "reflow": "rf_euler", "instaflow": "rf_euler", "dmd": "ddim"}
+
+
+def _labels(n: int) -> torch.Tensor:
+    return torch.arange(n) % 10
+
+
+def evaluate(model, metrics, sampler: str, nfes, n: int, size: int, seed: int = 0) -> dict:
+    """FID (and class accuracy) of ``n`` conditional samples at each NFE, with sampling times."""
+    from diffpolicy.images import sample_images
+
+    fid, acc, secs = [], [], []
+    for nfe in nfes:
+        t0 = time.perf_counter()
+        x = sample_images(model, n, size, nfe, sampler, labels=_labels(n), generator=torch.Generator().manual_seed(seed))
+        secs.append(time.perf_counter() - t0)
+        m = metrics.evaluate(x, _labels(n))
+        fid.append(m["fid"])
+        acc.append(m["class_accuracy"])
+    return {"sampler": sampler, "nfe": list(nfes), "fid": fid, "class_accuracy": acc, "sample_seconds": secs}
+
+
+def teacher_cfg(family: str, args):
+    from diffpolicy.images import ImagePretrainConfig
+
+    return ImagePretrainConfig(family=family, size=args.size, steps=args.pretrain_steps, batch_size=args.batch_size,
+                               base_channels=args.base_channels, lr=args.lr, seed=args.seed,
+                               checkpoint_every=max(1, min(2000, args.pretrain_steps)))
+
+
+def run_teacher(family: str, args, metrics, run_root: Path, result_root: Path) -> dict:
+    """Pre-train ``family`` (resuming its run) and evaluate it with each of its samplers."""
+    from diffpolicy.images import pretrain_images
+
+    path = result_root / "teachers" / f"{family}.json"
+    if path.exists() and (old := json.loads(path.read_text()))["steps"] >= args.pretrain_steps:
+        return old
+    out = pretrain_images(teacher_cfg(family, args), run_dir=run_root / "teachers" / family, progress=args.progress)
+    train_seconds = out["seconds"]
+    evals = {s: evaluate(out["ema"], metrics, s, _nfes(g, args), args.samples, args.size)
+             for s, g in TEACHER_SAMPLERS[family]}
+    result = {"family": family, "steps": out["steps"], "train_seconds": train_seconds, "samplers": evals}
+    _write(path, result)
+    return result
+
+
+def _nfes(grid, args):
+    return [n for n in grid if n <= args.max_nfe]
+
+
+def _write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def load_teacher(family: str, args, run_root: Path):
+    from diffpolicy.images import pretrain_images
+
+    return pretrain_images(teacher_cfg(family, args), run_dir=run_root / "teachers" / family, progress=False)["ema"]
+
+
+def _student_from(teacher):
+    student = copy.deepcopy(teacher).train()
+    student.net.cfg_dropout = 0.0  # the teacher's targets are conditional: no label dropout in the student
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+def _data(args):
+    from diffpolicy.images import load_digits
+
+    return load_digits(args.size, "train")
+
+
+def _batch(x, y, n, gen):
+    i = torch.randint(0, len(x), (n,), generator=gen)
+    return x[i], y[i]
+
+
+@torch.no_grad()
+def _pairs(teacher, n, steps, sampler, size, seed):
+    from diffpolicy.distill import ode_pairs
+
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed))
+    zs, xs = [], []
+    for i in range(0, n, 512):
+        z, x = ode_pairs(teacher, (min(512, n - i), 1, size, size), steps, cond=labels[i:i + 512], sampler=sampler,
+                         generator=torch.Generator().manual_seed(seed + i))
+        zs.append(z)
+        xs.append(x.clamp(-1, 1))
+    return torch.cat(zs), torch.cat(xs), labels
+
+
+def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict, object]]:
+    """Distil ``method`` from ``teacher``; returns ``[(info, student)]`` (PD: one per round)."""
+    from diffpolicy.distill import (fake_score_loss, one_step, pair_regression_loss,
+                                    progressive_distillation_loss, reflow_loss, score_distillation_loss)
+    from diffpolicy.distill.train import train_student
+    from diffpolicy.losses import consistency_distillation_loss
+
+    x, y = _data(args)
+    common = dict(lr=args.student_lr, progress=args.progress, seed=args.seed)
+    bs = args.batch_size
+    if method == "pd":
+        out, current = [], teacher
+        n = args.pd_start // 2
+        while n >= 1:
+            student = _student_from(current)
+            res = train_student(student, lambda step, g, t=current, s=student, n=n: progressive_distillation_loss(
+                s, t, *_split(_batch(x, y, bs, g)), student_steps=n, generator=g).mean(),
+                steps=args.student_steps, run_dir=run_dir / f"round_{n}", config={"method": "pd", "student_steps": n},
+                desc=f"pd {2 * n}->{n}", **common)
+            current = res["ema"]
+            out.append(({"student_steps": n, "train_seconds": res["seconds"]}, current))
+            n //= 2
+        return out
+    if method == "cd":
+        student = _student_from(teacher)
+        res = train_student(student, lambda step, g: consistency_distillation_loss(
+            student, teacher, *_split(_batch(x, y, bs, g)), num_scales=args.cd_scales, generator=g).mean(),
+            steps=args.student_steps, run_dir=run_dir, config={"method": "cd", "num_scales": args.cd_scales},
+            desc="cd", **common)
+        return [({"train_seconds": res["seconds"]}, res["ema"])]
+    if method in ("reflow", "instaflow"):
+        source = teacher
+        if method == "instaflow":  # InstaFlow distils the 2-rectified flow, trained first (its own run)
+            source = train_students("reflow", teacher, args, run_dir.parent / "reflow")[0][1]
+        z, xp, lab = _pairs(source, args.pairs, args.pair_steps, "rf_euler", args.size, args.seed)
+        student = _student_from(source)
+
+        def step_loss(step, g):
+            i = torch.randint(0, len(z), (bs,), generator=g)
+            if method == "reflow":  # flow matching on the teacher's coupling
+                return reflow_loss(student, z[i], xp[i], lab[i], generator=g).mean()
+            return pair_regression_loss(student, z[i], xp[i], lab[i]).mean()  # one step onto the 2-RF's endpoints
+
+        res = train_student(student, step_loss, steps=args.student_steps, run_dir=run_dir,
+                            config={"method": method, "pairs": args.pairs, "pair_steps": args.pair_steps},
+                            desc=method, **common)
+        return [({"train_seconds": res["seconds"]}, res["ema"])]
+    if method == "dmd":
+        z, xp, lab = _pairs(teacher, args.pairs, args.pair_steps, "ddim", args.size, args.seed)
+        generator_net, fake = _student_from(teacher), _student_from(teacher)
+        fake_opt = torch.optim.Adam(fake.parameters(), lr=args.student_lr)
+
+        def dmd_loss(step, g):
+            labels = torch.randint(0, 10, (bs,), generator=g)
+            for _ in range(args.dmd_fake_updates):  # DMD2's two time-scale rule
+                with torch.no_grad():
+                    xg = one_step(generator_net, torch.randn(bs, 1, args.size, args.size, generator=g), labels)
+                fl = fake_score_loss(fake, xg, labels, generator=g).mean()
+                fake_opt.zero_grad(set_to_none=True)
+                fl.backward()
+                fake_opt.step()
+            xg = one_step(generator_net, torch.randn(bs, 1, args.size, args.size, generator=g), labels)
+            i = torch.randint(0, len(z), (bs,), generator=g)
+            return (score_distillation_loss(xg, teacher, labels, fake=fake, weighting="dmd", generator=g).mean()
+                    + args.dmd_regression * pair_regression_loss(generator_net, z[i], xp[i], lab[i]).mean())
+
+        res = train_student(generator_net, dmd_loss, steps=args.student_steps, run_dir=run_dir,
+                            config={"method": "dmd", "pairs": args.pairs, "fake_updates": args.dmd_fake_updates,
+                                    "regression": args.dmd_regression},
+                            aux={"fake": fake, "fake_opt": fake_opt}, desc="dmd", **common)
+        return [({"train_seconds": res["seconds"]}, res["ema"])]
+    raise ValueError(f"unknown student {method!r}; valid: {', '.join(STUDENTS)}")
+
+
+def _split(batch):
+    return batch[0], batch[1]
+
+
+def run_student(method: str, args, metrics, run_root: Path, result_root: Path) -> dict:
+    path = result_root / "students" / f"{method}.json"
+    if path.exists() and (old := json.loads(path.read_text()))["student_steps_trained"] >= args.student_steps:
+        return old
+    teacher = load_teacher(STUDENTS[method], args, run_root)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    trained = train_students(method, teacher, args, run_root / "students" / method)
+    sampler = STUDENT_SAMPLER[method]
+    if method == "pd":  # each round's student at its own step count
+        nfe, fid, acc, secs = [], [], [], []
+        for info, student in trained:
+            if info["student_steps"] in (1, 2, 4):
+                r = evaluate(student, metrics, sampler, [info["student_steps"]], args.samples, args.size)
+                nfe += r["nfe"]
+                fid += r["fid"]
+                acc += r["class_accuracy"]
+                secs += r["sample_seconds"]
+        ev = {"sampler": sampler, "nfe": nfe, "fid": fid, "class_accuracy": acc, "sample_seconds": secs}
+        train_seconds = sum(info["train_seconds"] for info, _ in trained)
+    else:
+        ev = evaluate(trained[0][1], metrics, sampler, [1, 2, 4] if method != "dmd" else [1], args.samples, args.size)
+        if method == "dmd":
+            ev["sampler"] = "one_step"
+        train_seconds = trained[0][0]["train_seconds"]
+    result = {"method": method, "teacher": STUDENTS[method], "student_steps_trained": args.student_steps,
+              "train_seconds": train_seconds, **ev}
+    _write(path, result)
+    return result
+
+
+def assemble(result_root: Path, floor: dict, ceiling: dict, budget: str) -> dict:
+    teachers, students = {}, {}
+    for p in sorted((result_root / "teachers").glob("*.json")):
+        r = json.loads(p.read_text())
+        for s, ev in r["samplers"].items():
+            teachers[f"{r['family']}/{s}"] = {**ev, "family": r["family"], "train_seconds": r["train_seconds"]}
+    for p in sorted((result_root / "students").glob("*.json")):
+        r = json.loads(p.read_text())
+        students[r["method"]] = {k: r[k] for k in ("teacher", "sampler", "nfe", "fid", "class_accuracy",
+                                                     "sample_seconds", "train_seconds")}
+    report = {"floor_fid": floor["fid"], "ceiling_fid": ceiling["fid"], "teachers": teachers, "students": students,
+              "budget": budget}
+    report["targets"] = targets(report)
+    return report
+
+
+def targets(report: dict) -> dict:
+    floor = report["floor_fid"]
+    best_teacher = min((f for t in report["teachers"].values() for n, f in zip(t["nfe"], t["fid"]) if n <= 50),
+                       default=None)
+    out = {"best_teacher_fid_le_50_nfe": best_teacher,
+           "teacher_within_3x_floor": None if best_teacher is None else best_teacher <= 3 * floor}
+
+    def best_student(nfe):
+        vals = []
+        for name, s in report["students"].items():
+            fam_best = min((f for t in report["teachers"].values() if t["family"] == s["teacher"] for f in t["fid"]),
+                           default=None)
+            for n, f in zip(s["nfe"], s["fid"]):
+                if n == nfe and fam_best is not None:
+                    vals.append((f / fam_best, name, f, fam_best))
+        return min(vals) if vals else None
+
+    for nfe, bound in ((1, 2.0), (4, 1.3)):
+        b = best_student(nfe)
+        out[f"best_{nfe}_step_student"] = None if b is None else {"method": b[1], "fid": b[2], "teacher_best_fid": b[3],
+                                                                   "ratio": b[0], "target": bound, "met": b[0] <= bound}
+    return out
+
+
+def write_outputs(report: dict, out: Path, grids: dict | None = None) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    lines = ["# Image diffusion on the 8x8 digits: FID (digit-classifier features) against NFE", "",
+             f"Floor (real train vs held-out, same sample size): {report['floor_fid']:.2f}; "
+             f"ceiling (uniform noise): {report['ceiling_fid']:.1f}.", "", "## Teachers", "",
+             "| model / sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " | train s |",
+             "|---|" + "---:|" * (len(NFES) + 1)]
+    for name, t in report["teachers"].items():
+        row = {n: f for n, f in zip(t["nfe"], t["fid"])}
+        cells = [f"{row[n]:.2f}" if n in row else "" for n in NFES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t['train_seconds'] or 0:.0f} |")
+    lines += ["", "## Students", "", "| student | teacher | NFE 1 | NFE 2 | NFE 4 | train s |", "|---|---|---:|---:|---:|---:|"]
+    for name, s in report["students"].items():
+        row = {n: f for n, f in zip(s["nfe"], s["fid"])}
+        cells = [f"{row[n]:.2f}" if n in row else "" for n in (1, 2, 4)]
+        lines.append(f"| {name} ({s['sampler']}) | {s['teacher']} | " + " | ".join(cells) + f" | {s['train_seconds']:.0f} |")
+    lines += ["", "## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report.get("budget", "")]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, t in report["teachers"].items():
+        ax.plot(t["nfe"], t["fid"], marker="o", ms=3, label=name)
+    for name, s in report["students"].items():
+        ax.plot(s["nfe"], s["fid"], marker="*", ms=9, ls="--", label=f"{name} (student)")
+    ax.axhline(report["floor_fid"], color="k", lw=0.8, ls=":", label="floor (real vs real)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("FID (digit features)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    if grids:
+        fig, axes = plt.subplots(1, len(grids), figsize=(2.2 * len(grids), 2.6))
+        for a, (name, img) in zip(axes if len(grids) > 1 else [axes], grids.items()):
+            a.imshow(img, cmap="gray", vmin=-1, vmax=1)
+            a.set_title(name, fontsize=7)
+            a.axis("off")
+        fig.tight_layout()
+        fig.savefig(out.with_name(out.name + "_samples.png"), dpi=110)
+        plt.close(fig)
+
+
+def grid(x: torch.Tensor, rows: int = 10) -> torch.Tensor:
+    """``[N, 1, s, s]`` images as one ``[rows * s, cols * s]`` tile (first rows x rows images)."""
+    n, _, s, _ = x.shape
+    x = x[: rows * rows, 0].reshape(rows, rows, s, s)
+    return x.permute(0, 2, 1, 3).reshape(rows * s, rows * s)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--families", nargs="+", default=list(TEACHER_SAMPLERS), choices=list(TEACHER_SAMPLERS))
+    p.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    p.add_argument("--size", type=int, default=8)
+    p.add_argument("--pretrain-steps", type=int, default=10_000)
+    p.add_argument("--student-steps", type=int, default=2_000, help="gradient steps per student (per PD round)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--student-lr", type=float, default=1e-4)
+    p.add_argument("--samples", type=int, default=1000, help="generated images per FID")
+    p.add_argument("--max-nfe", type=int, default=50)
+    p.add_argument("--pd-start", type=int, default=32, help="teacher steps of the first PD round")
+    p.add_argument("--cd-scales", type=int, default=50, help="consistency-distillation discretisation")
+    p.add_argument("--pairs", type=int, default=4096, help="teacher ODE pairs (reflow, InstaFlow, DMD)")
+    p.add_argument("--pair-steps", type=int, default=32, help="ODE steps per pair")
+    p.add_argument("--dmd-fake-updates", type=int, default=2)
+    p.add_argument("--dmd-regression", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny nets and budgets")
+    p.add_argument("--assemble", action="store_true", help="only rebuild the table from finished runs")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    given = argv if argv is not None else sys.argv
+    if args.quick:
+        for name, value in (("pretrain_steps", 300), ("student_steps", 40), ("base_channels", 8), ("samples", 200),
+                            ("max_nfe", 8), ("pairs", 256), ("pair_steps", 8), ("pd_start", 8), ("cd_scales", 10),
+                            ("batch_size", 32)):
+            if f"--{name.replace('_', '-')}" not in given:
+                setattr(args, name, value)
+    tag = "images_quick" if args.quick else "images"
+    out = Path(args.out) if args.out else ROOT / "results" / tag
+    run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag
+    result_root = out.parent / f"{out.name}_runs"
+    torch.manual_seed(args.seed)
+
+    from diffpolicy.images import ImageMetrics, load_digits
+
+    metrics = ImageMetrics(args.size)
+    xr, yr = load_digits(args.size, "train")
+    if args.samples > len(xr):
+        raise SystemExit(f"--samples {args.samples} exceeds the {len(xr)} real train images the floor needs")
+    floor = metrics.evaluate(xr[: args.samples], yr[: args.samples])  # the same sample size as the models
+    ceiling = metrics.ceiling()
+    budget = (f"Budget: teachers {args.pretrain_steps} steps (batch {args.batch_size}, U-Net base {args.base_channels}); "
+              f"students {args.student_steps} steps each (PD: per round, {args.pd_start} -> 1 steps); "
+              f"{args.samples} samples per FID; {args.size}x{args.size} digits; seed {args.seed}.")
+    grids = {}
+    if not args.assemble:
+        for fam in args.families:
+            r = run_teacher(fam, args, metrics, run_root, result_root)
+            best = min((f, n, s) for s, ev in r["samplers"].items() for f, n in zip(ev["fid"], ev["nfe"]))
+            print(f"[{fam}] best FID {best[0]:.2f} ({best[2]}, NFE {best[1]})", flush=True)
+        for m in args.students:
+            r = run_student(m, args, metrics, run_root, result_root)
+            print(f"[{m}] FID " + ", ".join(f"NFE {n}: {f:.2f}" for n, f in zip(r["nfe"], r["fid"])), flush=True)
+        from diffpolicy.images import sample_images
+
+        for fam in args.families:  # sample grids of the teachers at 16 NFE (their first sampler)
+            model = load_teacher(fam, args, run_root)
+            s, g = TEACHER_SAMPLERS[fam][0]
+            nfe = max(n for n in _nfes(g, args))
+            grids[f"{fam} ({s}, {nfe})"] = grid(sample_images(model, 100, args.size, nfe, s, labels=_labels(100),
+                                                             generator=torch.Generator().manual_seed(1)))
+    report = assemble(result_root, floor, ceiling, budget)
+    write_outputs(report, out, grids or None)
+    print(out.with_suffix(".md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/images.py end to end on tiny budgets: the JSON the issue specifies, per-run result
+files that a second call reuses, and the targets computed from them."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("images_bench", ROOT / "benchmarks" / "images.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["images_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TINY = ["--quick", "--families", "ddpm_v", "rf", "--pretrain-steps", "40", "--student-steps", "4", "--samples", "60",
+        "--max-nfe", "2", "--pairs", "32", "--pair-steps", "2", "--pd-start", "4", "--no-progress"]
+
+
+def test_tiny_run_writes_the_issue_json_and_resumes(bench, tmp_path):
+    args = TINY + ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "res" / "images")]
+    report = bench.main(args)
+    saved = json.loads((tmp_path / "res" / "images.json").read_text())
+    assert saved["floor_fid"] == pytest.approx(report["floor_fid"]) and saved["floor_fid"] > 0
+    assert set(saved["teachers"]) == {"ddpm_v/ddim", "ddpm_v/dpmpp_2m", "rf/rf_euler"}
+    assert saved["teachers"]["rf/rf_euler"]["nfe"] == [1, 2]
+    assert set(saved["students"]) == set(bench.STUDENTS)
+    for name, s in saved["students"].items():
+        assert s["teacher"] == bench.STUDENTS[name] and len(s["fid"]) == len(s["nfe"]) >= 1
+        assert all(f > 0 for f in s["fid"])
+    assert saved["students"]["pd"]["nfe"] == [2, 1]  # its rounds 4 -> 2 -> 1
+    t = saved["targets"]
+    assert t["best_1_step_student"]["ratio"] == pytest.approx(t["best_1_step_student"]["fid"]
+                                                             / t["best_1_step_student"]["teacher_best_fid"])
+    for kind in ("md", "png"):
+        assert (tmp_path / "res" / f"images.{kind}").stat().st_size > 0
+    # a second call reuses every finished run: the result files are untouched
+    files = sorted((tmp_path / "res" / "images_runs").rglob("*.json"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    bench.main(args)
+    assert [f.stat().st_mtime_ns for f in files] == stamps and len(files) == 2 + len(bench.STUDENTS)
