@@ -16,6 +16,13 @@ trigflow       TrigFlow, F                      TrigFlow diffusion objective (Lu
 Class-conditional with classifier-free guidance dropout (label 10 is the null class), EMA of
 weights (the EMA model is the one to sample), progress bar, CSV + TensorBoard logs and
 checkpoints that resume (model, EMA, optimiser, step, RNGs).
+
+Scale: ``device="cuda"`` and ``bf16=True`` (autocast of the forward and loss in bfloat16, weights
+and optimiser in float32). Under ``torchrun`` (a process group initialised before the call) the
+network is wrapped in DistributedDataParallel: every rank draws the same global batch of
+``batch_size`` and trains on its ``rank::world`` slice, so gradients are averaged over the whole
+batch, replicas stay identical, and rank 0 alone writes logs and checkpoints (which every rank
+resumes from). ``device`` and ``bf16`` are not part of a run's identity: a run may resume elsewhere.
 """
 from __future__ import annotations
 
@@ -61,6 +68,8 @@ class ImagePretrainConfig:
     seed: int = 0
     log_every: int = 200
     checkpoint_every: int = 2_000
+    device: str = "cpu"
+    bf16: bool = False               # bfloat16 autocast (CUDA, or CPU for tests)
 
 
 def make_image_denoiser(cfg: ImagePretrainConfig) -> Denoiser:
@@ -93,8 +102,12 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     with the same settings and a larger ``steps`` continues the run.
     """
     cfg = cfg or ImagePretrainConfig()
+    rank, world = _process_group()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    device = torch.device(cfg.device)
     set_seed(cfg.seed)  # the same seed gives the same initial weights
-    den = make_image_denoiser(cfg)
+    den = make_image_denoiser(cfg).to(device)
     x, y = data if data is not None else load_digits(cfg.size, "train")
     if x.dim() != 4 or x.shape[-1] % den.net.size_multiple:
         raise ValueError(f"images must be [N, C, H, W] with H, W divisible by {den.net.size_multiple}; got {tuple(x.shape)}")
@@ -103,19 +116,30 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     state = {"step": 0, "history": []}
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
     ckpt = run_path / "checkpoint.pt" if run_path is not None else None
-    conf = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}, default=list))
-    saved = open_run(run_path, conf, {"steps": cfg.steps})
+    conf = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                  if k not in ("steps", "device", "bf16")}, default=list))
+    saved = open_run(run_path, conf, {"steps": cfg.steps}) if rank == 0 else None
+    if world > 1:  # the others resume from what rank 0 checked
+        torch.distributed.barrier()
+        if rank and ckpt is not None and ckpt.exists():
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     if saved is not None:
         den.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         set_rng_state(saved["rng"])
-    logger = RunLogger(run_path, resume_step=state["step"])
-    gen = torch.Generator().manual_seed(cfg.seed)  # batches and augmentation
+    logger = RunLogger(run_path if rank == 0 else None, resume_step=state["step"])
+    if rank:
+        ckpt = None  # rank 0 saves
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches and augmentation: the same on every rank
     if saved is not None:
         gen.set_state(saved["data_rng"])
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"pretrain {cfg.family}", disable=not progress)
+    train_den = den
+    if world > 1:  # gradients averaged by DDP; the EMA and the checkpoint keep the plain network
+        ddp = torch.nn.parallel.DistributedDataParallel(den.net, device_ids=[device] if device.type == "cuda" else None)
+        train_den = Denoiser(ddp, den.schedule, None if den.precond is not None else den.prediction, precond=den.precond)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"pretrain {cfg.family}", disable=not progress or rank > 0)
     den.train()
     losses = []
     state.setdefault("seconds", 0.0)  # training wall time, summed over resumed sessions
@@ -134,7 +158,9 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
         while state["step"] < cfg.steps:
             idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
             x0 = augment(x[idx], shift=cfg.shift, generator=gen) if cfg.shift else x[idx]
-            loss = _loss(den, cfg, x0, y[idx] if cfg.class_conditional else None, state["step"])
+            x0, labels = x0[rank::world].to(device), y[idx][rank::world].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = _loss(train_den, cfg, x0, labels if cfg.class_conditional else None, state["step"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -163,6 +189,14 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
         logger.close()
     return {"model": den, "ema": ema.module.eval(), "history": state["history"], "steps": state["step"],
             "seconds": state["seconds"]}
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def sample_images(model: Denoiser, n: int, size: int, steps: int, sampler: str = "ddim", *,
