@@ -39,6 +39,13 @@ class EMA(AveragedModel):
             if not e.is_floating_point():
                 e.copy_(p)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load the averaged weights and continue the warmup where the saved EMA stood
+        (``n_averaged`` is in the state dict; the Python counter is not)."""
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.updates = int(self.n_averaged)
+        return out
+
     def update(self, model: nn.Module) -> None:
         """Average ``model``'s current parameters into the EMA copy."""
         self.update_parameters(model)

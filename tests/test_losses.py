@@ -166,6 +166,23 @@ def test_ema_matches_closed_form():
     assert warm.current_decay(0) == pytest.approx(0.1) and warm.current_decay(10**6) == 0.999
 
 
+def test_ema_warmup_continues_after_loading_a_state_dict():
+    model = torch.nn.Linear(2, 1, bias=False)
+    straight, first = EMA(model, 0.99, warmup=True), EMA(model, 0.99, warmup=True)
+    for k in range(6):
+        with torch.no_grad():
+            model.weight.fill_(float(k))
+        straight.update(model)
+        if k < 3:
+            first.update(model)
+        if k == 2:
+            resumed = EMA(model, 0.99, warmup=True)
+            resumed.load_state_dict(first.state_dict())
+        if k >= 3:
+            resumed.update(model)  # must use the warmup decay of update k, not of update k - 3
+    torch.testing.assert_close(resumed.module.weight, straight.module.weight, rtol=0, atol=0)
+
+
 def test_consistency_distillation_anchors_the_boundary():
     """A student that ignores its input (x0 = 0) must not reach zero loss: the last pair ends at
     the data end, where the consistency function is the identity (Song et al. 2023 Alg. 2)."""
