@@ -11,7 +11,8 @@ What is measured (``python benchmarks/images.py``; ``--quick`` is a smoke run of
   progressive distillation of the v-teacher from 32 steps down to 1 (``pd``), consistency
   distillation of the v-teacher (``cd``), reflow of the RF teacher (``reflow``) and InstaFlow's
   one-step student of that 2-RF (``instaflow``), and DMD's one-step generator from the v-teacher
-  (``dmd``: distribution matching with an online fake score plus the regression loss).
+  (``dmd``: distribution matching with an online fake score plus the regression loss), and
+  adversarial diffusion distillation of the v-teacher into a 4-step student (``add``).
 * **Metrics**: FID in the 64-d features of the digit classifier trained here, of ``--samples``
   generated images against the held-out digits; the floor is the same number of real train
   images against the held-out ones. Wall time to train and per sampling call.
@@ -42,8 +43,9 @@ TEACHER_SAMPLERS = {  # family -> [(sampler, nfe grid)], one network evaluation 
     "ct": [("consistency", [1, 2, 4])],
     "trigflow": [("ddim", NFES), ("trigflow", [1, 2])],
 }
-STUDENTS = {"pd": "ddpm_v", "cd": "ddpm_v", "reflow": "rf", "instaflow": "rf", "dmd": "ddpm_v"}
-STUDENT_SAMPLER = {"pd": "ddim", "cd": "consistency", "reflow": "rf_euler", "instaflow": "rf_euler", "dmd": "ddim"}
+STUDENTS = {"pd": "ddpm_v", "cd": "ddpm_v", "reflow": "rf", "instaflow": "rf", "dmd": "ddpm_v", "add": "ddpm_v"}
+STUDENT_SAMPLER = {"pd": "ddim", "cd": "consistency", "reflow": "rf_euler", "instaflow": "rf_euler", "dmd": "ddim",
+                   "add": "consistency"}
 
 
 def _labels(n: int) -> torch.Tensor:
@@ -209,6 +211,30 @@ def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict
                             config={"method": "dmd", "pairs": args.pairs, "fake_updates": args.dmd_fake_updates,
                                     "regression": args.dmd_regression},
                             aux={"fake": fake, "fake_opt": fake_opt}, desc="dmd", **common)
+        return [({"train_seconds": res["seconds"]}, res["ema"])]
+    if method == "add":  # 4 student times; a small projection discriminator on clean images
+        from diffpolicy.distill import add_losses
+        from diffpolicy.distill.adversarial import ConvDiscriminator
+
+        student = _student_from(teacher)
+        disc = ConvDiscriminator(1, 16, 2, num_classes=10)
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=args.student_lr, betas=(0.0, 0.99))
+        times = teacher.schedule.timesteps(4)[:-1]
+
+        pending = {}
+
+        def add_loss(step, g):
+            pending.update(add_losses(student, teacher, disc, *_split(_batch(x, y, bs, g)), student_times=times,
+                                      generator=g))
+            return pending["generator"]
+
+        def disc_step(step):  # after the student's backward, which also ran through the discriminator
+            disc_opt.zero_grad(set_to_none=True)
+            pending.pop("discriminator").backward()
+            disc_opt.step()
+
+        res = train_student(student, add_loss, steps=args.student_steps, run_dir=run_dir, config={"method": "add"},
+                            aux={"disc": disc, "disc_opt": disc_opt}, desc="add", after_step=disc_step, **common)
         return [({"train_seconds": res["seconds"]}, res["ema"])]
     raise ValueError(f"unknown student {method!r}; valid: {', '.join(STUDENTS)}")
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffpolicy.denoiser import DenoiserBase, expand_like
 from diffpolicy.losses import _metric
 
-__all__ = ["GAN_LOSSES", "add_losses", "discriminator_loss", "generator_adv_loss", "noisy", "r1_penalty"]
+__all__ = ["GAN_LOSSES", "ConvDiscriminator", "add_losses", "discriminator_loss", "generator_adv_loss", "noisy", "r1_penalty"]
 
 GAN_LOSSES = ("hinge", "nonsaturating")
 
@@ -94,3 +94,28 @@ def add_losses(student: DenoiserBase, teacher: DenoiserBase, discriminator, x0: 
         d_loss = d_loss + r1_weight * r1_penalty(discriminator, x0, None, cond)
     return {"generator": adversarial + distill_weight * distill, "discriminator": d_loss,
             "adversarial": adversarial.detach(), "distill": distill.detach()}
+
+
+class ConvDiscriminator(nn.Module):
+    """A small image discriminator ``D(x, t, cond) -> logits [B]``: strided conv blocks with
+    spectral normalisation (Miyato et al. 2018), a linear head, and a class projection term
+    ``<embed(c), h>`` (Miyato & Koyama 2018) when ``num_classes > 0``. ``t`` is ignored (ADD's
+    discriminator sees clean samples)."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32, depth: int = 2, num_classes: int = 0):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        layers, ch = [], in_channels
+        for i in range(depth):
+            layers += [sn(nn.Conv2d(ch, width * 2**i, 3, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            ch = width * 2**i
+        self.body = nn.Sequential(*layers)
+        self.head = sn(nn.Linear(ch, 1))
+        self.embed = sn(nn.Embedding(num_classes + 1, ch)) if num_classes > 0 else None
+
+    def forward(self, x: Tensor, t=None, cond: Tensor | None = None) -> Tensor:
+        h = self.body(x).sum((2, 3))
+        out = self.head(h).squeeze(-1)
+        if self.embed is not None and cond is not None:
+            out = out + (self.embed(cond) * h).sum(-1)
+        return out

@@ -3,9 +3,10 @@ logs, and checkpoints that resume exactly (student, EMA, optimiser, any auxiliar
 their optimisers -- DMD's fake score, ADD's discriminator -- step and RNG states).
 
 The method is the ``loss_fn(step, generator) -> Tensor`` closure: the scalar student loss of
-one batch, built from this package's losses. Auxiliary updates (a fake-score step, a
-discriminator step) happen inside the closure with their own optimisers; pass those modules
-and optimisers as ``aux`` so the checkpoint holds them.
+one batch, built from this package's losses. Auxiliary updates happen with their own optimisers,
+inside the closure (DMD's fake-score steps, before the student's forward) or in ``after_step``
+(ADD's discriminator step, which must follow the student's backward through the discriminator);
+pass those modules and optimisers as ``aux`` so the checkpoint holds them.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ __all__ = ["train_student"]
 def train_student(student: nn.Module, loss_fn: Callable[[int, torch.Generator], Tensor], *, steps: int,
                   lr: float = 1e-4, ema_decay: float = 0.999, run_dir=None, config: dict | None = None,
                   aux: dict[str, object] | None = None, seed: int = 0, log_every: int = 100,
-                  checkpoint_every: int = 1000, progress: bool = True, desc: str = "distill") -> dict:
+                  checkpoint_every: int = 1000, progress: bool = True, desc: str = "distill",
+                  after_step: Callable[[int], None] | None = None) -> dict:
     """Train ``student`` for ``steps`` steps of ``loss_fn``; returns ``{"student", "ema", "history",
     "seconds"}`` (``ema`` is the EMA copy in eval mode, the one to sample).
 
@@ -62,6 +64,8 @@ def train_student(student: nn.Module, loss_fn: Callable[[int, torch.Generator], 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step(state["step"])
             ema.update(student)
             state["step"] += 1
             losses.append(loss.detach())
