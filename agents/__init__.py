@@ -33,6 +33,15 @@ dawr                ``dawr``                       advantage-weighted diffusion 
 qsm                 ``qsm``                        Q-score matching, off-policy twin critic
 gaussian_ppo        ``gaussian_ppo``               tanh-normal PPO via TorchRL ``ClipPPOLoss``
 ==================  =============================  ==========================================
+
+Reward fine-tuning of image models (``Cls(model, reward, size, **settings).fit(iterations)``;
+rewards in :mod:`diffpolicy.images.rewards`, shared parts in ``image_tuning``):
+
+==================  =============================  ==========================================
+ddpo                ``ddpo``                       DDPO-SF / DDPO-IS over the sampling chain
+draft               ``draft``                      DRaFT-K: reward gradient through K steps
+refl                ``refl``                       ReFL: reward on a late one-step x0
+==================  =============================  ==========================================
 """
 
 from __future__ import annotations

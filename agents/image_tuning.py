@@ -1,0 +1,102 @@
+"""Reward fine-tuning of image diffusion models: what DDPO, DRaFT and ReFL share.
+
+A tuner holds the model being fine-tuned (a copy of the pre-trained one), a reward
+(:mod:`diffpolicy.images.rewards`) and the sampling grid; each method defines
+``loss(step, generator)``, the scalar loss of one iteration on freshly sampled images, and
+:meth:`ImageRewardTuner.fit` runs it through :func:`diffpolicy.distill.train.train_student`
+(EMA, CSV + TensorBoard logs, checkpoints that resume). Contexts are class labels drawn
+uniformly when the model is class-conditional, else None. ``samples_seen`` counts the images
+sampled for training, the budget the methods are compared on.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from diffpolicy.denoiser import DenoiserBase
+from diffpolicy.images.rewards import Reward
+from diffpolicy.samplers import prior
+
+__all__ = ["ImageRewardTuner", "ImageTuneConfig"]
+
+
+@dataclasses.dataclass
+class ImageTuneConfig:
+    sampling_steps: int = 20        # K: the chain every sample runs
+    eta: float = 1.0                # 1: DDPM steps (DDPO); 0: DDIM (DRaFT, ReFL)
+    batch_size: int = 32            # images sampled per iteration
+    lr: float = 1e-4
+    ema_decay: float = 0.0          # 0: sample the fine-tuned weights themselves
+    num_classes: int = 10           # contexts drawn from 0..num_classes-1 (0: unconditional)
+    seed: int = 0
+
+
+class ImageRewardTuner:
+    """Base class; subclasses set ``name``, ``config_class`` and ``loss``."""
+
+    name = "image_tuner"
+    config_class = ImageTuneConfig
+
+    def __init__(self, model: DenoiserBase, reward: Reward, size: int, config: ImageTuneConfig | None = None,
+                 **overrides):
+        cfg = config or self.config_class()
+        self.config = dataclasses.replace(cfg, **overrides) if overrides else cfg
+        self.model = copy.deepcopy(model).train()
+        self.model.requires_grad_(True)
+        net = getattr(self.model, "net", None)
+        if net is not None and hasattr(net, "cfg_dropout"):
+            net.cfg_dropout = 0.0  # sampled contexts are always given
+        self.reward, self.size = reward, size
+        self.ts = self.model.schedule.timesteps(self.config.sampling_steps)
+
+    def contexts(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        k = self.config.num_classes
+        return None if k == 0 else torch.randint(0, k, (n,), generator=generator)
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        channels = getattr(getattr(self.model, "net", None), "in_channels", 1)
+        return prior(self.model, (n, channels, self.size, self.size), generator=generator)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, model: DenoiserBase | None = None) -> tuple[Tensor, Tensor | None]:
+        """``n`` images (and their contexts) from ``model`` (default: the fine-tuned one) with the
+        tuner's own chain, from a seeded start."""
+        from diffpolicy.chain import rollout
+
+        g = torch.Generator().manual_seed(seed)
+        context = self.contexts(n, g)
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
+        td = rollout(model, self.noise(n, g), self.ts, context, eta=self.config.eta, reduction=None, generator=g)
+        model.train(was_training)
+        return td["next", "x"][:, -1].clamp(-1, 1), context
+
+    def evaluate(self, n: int = 256, seed: int = 0, model: DenoiserBase | None = None) -> dict[str, float]:
+        x, context = self.sample(n, seed, model)
+        with torch.no_grad():
+            r = self.reward(x, context).double()
+        return {"reward_mean": float(r.mean()), "reward_std": float(r.std())}
+
+    def loss(self, step: int, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def samples(self, iterations: int) -> int:
+        """Images sampled for training in ``iterations`` iterations (the compared budget)."""
+        return iterations * self.config.batch_size
+
+    def fit(self, iterations: int, *, run_dir=None, progress: bool = True, log_every: int = 10,
+            checkpoint_every: int = 50) -> dict:
+        """Run ``iterations`` iterations (a second call with more continues a run in ``run_dir``)."""
+        from diffpolicy.distill.train import train_student
+
+        cfg = self.config
+        out = train_student(self.model, self.loss, steps=iterations, lr=cfg.lr, ema_decay=cfg.ema_decay,
+                            run_dir=run_dir, config={"method": self.name, **dataclasses.asdict(cfg),
+                                                     "reward": self.reward.name},
+                            seed=cfg.seed, log_every=log_every, checkpoint_every=checkpoint_every,
+                            progress=progress, desc=self.name)
+        return out
