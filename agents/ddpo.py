@@ -53,7 +53,7 @@ class DDPO(ImageRewardTuner):
         if not 0 < c.train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {c.train_fraction}")
         kw = dict(eta=c.eta, advantage_clip=c.advantage_clip, reduction="mean")
-        self.objective = (ChainPPOLoss(self.model, clip_epsilon=c.clip_epsilon, **kw) if c.importance_sampling
+        self.policy_loss = (ChainPPOLoss(self.model, clip_epsilon=c.clip_epsilon, **kw) if c.importance_sampling
                           else ChainScoreFunctionLoss(self.model, **kw))
         self.standardize = PerContextStandardizer(buffer_size=c.batch_size, min_count=max(2, c.batch_size // 4))
         self.batch = None
@@ -77,6 +77,7 @@ class DDPO(ImageRewardTuner):
             reward = self.reward(x.clamp(-1, 1), context)
         keys = context if context is not None else [0] * c.batch_size
         td["advantage"] = self.standardize(keys, reward)[:, None].expand(td.batch_size)
+        self.last_samples = (x.clamp(-1, 1), context)
         return td
 
     def loss(self, step, generator):
@@ -88,4 +89,4 @@ class DDPO(ImageRewardTuner):
         n = max(1, round(c.train_fraction * K))
         if n < K:
             td = td[:, torch.randperm(K, generator=generator)[:n]]
-        return self.objective(td.reshape(-1))["loss_objective"]
+        return self.policy_loss(td.reshape(-1))["loss_objective"]

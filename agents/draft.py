@@ -49,4 +49,6 @@ class DRaFT(ImageRewardTuner):
         context = self.contexts(cfg.batch_size, generator)
         td = rollout(self.model, self.noise(cfg.batch_size, generator), self.ts, context, eta=cfg.eta,
                      reduction=None, train_steps=k, grad=True, generator=generator)
-        return -self.reward(td["next", "x"][:, -1], context).mean()
+        x0 = td["next", "x"][:, -1]
+        self.last_samples = (x0, context)
+        return -self.reward(x0, context).mean()

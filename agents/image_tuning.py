@@ -31,6 +31,7 @@ class ImageTuneConfig:
     lr: float = 1e-4
     ema_decay: float = 0.0          # 0: sample the fine-tuned weights themselves
     num_classes: int = 10           # contexts drawn from 0..num_classes-1 (0: unconditional)
+    kl_weight: float = 0.0          # weight of the KL-to-pre-trained penalty (0: off)
     seed: int = 0
 
 
@@ -51,6 +52,21 @@ class ImageRewardTuner:
             net.cfg_dropout = 0.0  # sampled contexts are always given
         self.reward, self.size = reward, size
         self.ts = self.model.schedule.timesteps(self.config.sampling_steps)
+        self.reference = None
+        if self.config.kl_weight > 0:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.last_samples = None  # (images, contexts) of the current iteration, for the KL penalty
+
+    @torch.no_grad()
+    def sample_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """A training batch of ``batch_size`` images (no graph) and their contexts."""
+        from diffpolicy.chain import rollout
+
+        c = self.config
+        context = self.contexts(c.batch_size, generator)
+        td = rollout(self.model, self.noise(c.batch_size, generator), self.ts, context, eta=c.eta, reduction=None,
+                     generator=generator)
+        return td["next", "x"][:, -1].clamp(-1, 1), context
 
     def contexts(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
         k = self.config.num_classes
@@ -82,7 +98,27 @@ class ImageRewardTuner:
         return {"reward_mean": float(r.mean()), "reward_std": float(r.std())}
 
     def loss(self, step: int, generator: torch.Generator) -> Tensor:
+        """The method's loss on one iteration; sets ``last_samples`` to the images it scored."""
         raise NotImplementedError
+
+    def kl_penalty(self, x0: Tensor, context, generator: torch.Generator) -> Tensor:
+        """``E ||eps_theta - eps_ref||^2`` at ``x0`` re-noised to random times (module doc)."""
+        sched = self.model.schedule
+        x0 = x0.detach()
+        t = sched.sample_t(x0.shape[0], generator=generator)
+        alpha, sigma = (v.to(x0.dtype).view(-1, *[1] * (x0.dim() - 1)) for v in sched.alpha_sigma(t))
+        x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        eps = self.model.x0_eps(x_t, t, context)[1]
+        with torch.no_grad():
+            eps_ref = self.reference.x0_eps(x_t, t, context)[1]
+        return (eps - eps_ref).square().flatten(1).mean(1).mean()
+
+    def objective(self, step: int, generator: torch.Generator) -> Tensor:
+        """``loss`` plus ``kl_weight`` times the KL penalty on the iteration's images."""
+        loss = self.loss(step, generator)
+        if self.config.kl_weight > 0:
+            loss = loss + self.config.kl_weight * self.kl_penalty(*self.last_samples, generator)
+        return loss
 
     def samples(self, iterations: int) -> int:
         """Images sampled for training in ``iterations`` iterations (the compared budget)."""
@@ -94,7 +130,7 @@ class ImageRewardTuner:
         from diffpolicy.distill.train import train_student
 
         cfg = self.config
-        out = train_student(self.model, self.loss, steps=iterations, lr=cfg.lr, ema_decay=cfg.ema_decay,
+        out = train_student(self.model, self.objective, steps=iterations, lr=cfg.lr, ema_decay=cfg.ema_decay,
                             run_dir=run_dir, config={"method": self.name, **dataclasses.asdict(cfg),
                                                      "reward": self.reward.name},
                             seed=cfg.seed, log_every=log_every, checkpoint_every=checkpoint_every,

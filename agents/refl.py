@@ -47,4 +47,5 @@ class ReFL(ImageRewardTuner):
                         generator=generator)["next", "x"][:, -1]
         t = torch.full((x.shape[0],), float(self.ts[j]))
         x0 = self.model.x0_eps(x, t, context)[0]
+        self.last_samples = (x0, context)
         return -self.reward(x0, context).mean()

@@ -6,6 +6,7 @@ import torch
 from diffpolicy import schedules as S
 from diffpolicy.agents.ddpo import DDPO
 from diffpolicy.agents.draft import DRaFT
+from diffpolicy.agents.image_drwr import ImageDRWR
 from diffpolicy.agents.refl import ReFL
 from diffpolicy.chain_losses import ChainPPOLoss, ChainScoreFunctionLoss
 from diffpolicy.denoiser import Denoiser
@@ -75,6 +76,7 @@ def test_ddpo_is_with_one_epoch_and_no_clip_has_the_score_function_gradient():
     (DDPO, dict(importance_sampling=True, inner_epochs=2, clip_epsilon=0.2, lr=3e-4)),
     (DRaFT, dict(grad_steps=2, lr=1e-3)),
     (ReFL, dict(late_steps=3, lr=1e-3)),
+    (ImageDRWR, dict(beta=2.0, lr=1e-3)),
 ])
 def test_each_method_raises_the_brightness(method, settings):
     tuner = method(_model(), Brightness(), 8, sampling_steps=5, batch_size=16, **settings)
@@ -83,3 +85,18 @@ def test_each_method_raises_the_brightness(method, settings):
     after = tuner.evaluate(64, seed=1)
     # one pre-trained std in 30 iterations x 16 images (DDPO ~1.5 std, DRaFT / ReFL ~6; lr=0: no change)
     assert after["reward_mean"] > before["reward_mean"] + before["reward_std"], (before, after)
+
+
+def test_kl_penalty_is_zero_at_the_start_and_keeps_the_model_near_the_pre_trained_one():
+    g = torch.Generator().manual_seed(0)
+    free = DRaFT(_model(), Brightness(), 8, sampling_steps=5, batch_size=16, grad_steps=2, lr=1e-3, kl_weight=1e-9)
+    x, c = free.sample(8)
+    assert float(free.kl_penalty(x, c, g).detach()) == 0.0
+    tied = DRaFT(_model(), Brightness(), 8, sampling_steps=5, batch_size=16, grad_steps=2, lr=1e-3, kl_weight=30.0)
+    for tuner in (free, tied):
+        tuner.fit(30, progress=False)
+    x, c = free.sample(64, seed=2)
+    drift = [float(t.kl_penalty(x, c, torch.Generator().manual_seed(3)).detach()) for t in (free, tied)]
+    gain = [t.evaluate(64, seed=1)["reward_mean"] for t in (free, tied)]
+    assert drift[1] < 0.5 * drift[0], drift
+    assert gain[1] < gain[0], gain
