@@ -1,0 +1,224 @@
+"""Reward fine-tuning of one pre-trained digits model: every method on every reward, one sample budget.
+
+What is measured (``python benchmarks/image_reward.py``; ``--quick`` is a smoke run):
+
+* The pre-trained model is the image benchmark's DDPM v-prediction teacher
+  (``benchmarks/runs/images/teachers/ddpm_v``; trained here with the same settings if absent).
+* Methods (``diffpolicy.agents``): DDPO-SF, DDPO-IS (2 inner epochs), DRaFT-K (K = 2), ReFL,
+  DRWR, and with ``--kl-weight`` a KL-regularised copy of each (``<method>+kl``).
+  Differentiable methods run only on differentiable rewards.
+* Rewards (``diffpolicy.images.rewards``): the digit classifier's log-probability of the
+  sampled class (``class``), ``brightness`` and JPEG ``compressibility``.
+* Each run gets ``--samples`` training images; the mean reward of 128 fixed-seed images is
+  recorded every ``--eval-every`` iterations; before and after: the reward mean / std over 512
+  images and the FID (digit features) of 1000 images against the held-out digits.
+
+Each (reward, method) run writes ``results/image_reward_runs/<reward>/<method>.json`` and
+resumes from its run directory; the table is assembled from whatever exists.
+Outputs: ``results/image_reward.{json,md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+METHODS = {  # name -> (module, class, settings)
+    "ddpo_sf": ("ddpo", "DDPO", dict(importance_sampling=False)),
+    "ddpo_is": ("ddpo", "DDPO", dict(importance_sampling=True, inner_epochs=2, clip_epsilon=0.1)),
+    "draft": ("draft", "DRaFT", dict(grad_steps=2)),
+    "refl": ("refl", "ReFL", dict(late_steps=5)),
+    "drwr": ("image_drwr", "ImageDRWR", dict(beta=2.0)),
+}
+REWARDS = ["class", "brightness", "compressibility"]
+
+
+def pretrained(args):
+    sys.path.insert(0, str(ROOT))
+    from images import teacher_cfg  # the image benchmark's teacher settings: one shared run
+
+    from diffpolicy.images import pretrain_images
+
+    ns = argparse.Namespace(size=8, pretrain_steps=args.pretrain_steps, batch_size=128, base_channels=args.base_channels,
+                            lr=2e-4, seed=0)
+    return pretrain_images(teacher_cfg("ddpm_v", ns), run_dir=Path(args.pretrained_run), progress=args.progress)["ema"]
+
+
+def make_tuner(method: str, model, reward, args):
+    import importlib
+
+    base, kl = method.split("+")[0], method.endswith("+kl")
+    module, cls, settings = METHODS[base]
+    tuner_cls = getattr(importlib.import_module(f"diffpolicy.agents.{module}"), cls)
+    return tuner_cls(model, reward, 8, sampling_steps=args.sampling_steps, batch_size=args.batch_size, lr=args.lr,
+                     kl_weight=args.kl_weight if kl else 0.0, **settings)
+
+
+def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path, result_root: Path) -> dict | None:
+    from diffpolicy.images.rewards import make_reward
+
+    path = result_root / reward_name / f"{method}.json"
+    if path.exists() and json.loads(path.read_text())["samples"] >= args.samples:
+        return json.loads(path.read_text())
+    reward = make_reward(reward_name)
+    tuner = make_tuner(method, model, reward, args)
+    # one batch per iteration (DDPO-IS: per inner_epochs iterations), so every method sees args.samples images
+    iterations = max(1, round(args.samples / args.batch_size)) * getattr(tuner.config, "inner_epochs", 1)
+
+    def score(n, seed, model=None):
+        return tuner.evaluate(n, seed=seed, model=model)
+
+    before = score(512, 1, model)
+    fid_before = metrics.evaluate(*tuner.sample(1000, seed=2, model=model))["fid"]
+    curve, steps = [], list(range(0, iterations + 1, args.eval_every)) or [0]
+    if steps[-1] != iterations:
+        steps.append(iterations)
+    start = time.perf_counter()
+    train_seconds = 0.0
+    for it in steps:
+        if it:
+            t0 = time.perf_counter()
+            tuner.fit(it, run_dir=run_root / reward_name / method, progress=False, checkpoint_every=args.eval_every)
+            train_seconds += time.perf_counter() - t0
+        curve.append({"samples": tuner.samples(it), "reward": score(128, 3)["reward_mean"]})
+    after = score(512, 1)
+    fid_after = metrics.evaluate(*tuner.sample(1000, seed=2))["fid"]
+    result = {"reward": reward_name, "method": method, "reward_before": before["reward_mean"],
+              "reward_before_std": before["reward_std"], "reward_after": after["reward_mean"],
+              "reward_after_std": after["reward_std"], "fid_before": fid_before, "fid_after": fid_after,
+              "samples": tuner.samples(iterations), "iterations": iterations, "seconds": train_seconds,
+              "wall_seconds": time.perf_counter() - start, "curve": curve}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def assemble(result_root: Path, budget: str) -> dict:
+    results = {}
+    for p in sorted(result_root.glob("*/*.json")):
+        r = json.loads(p.read_text())
+        results.setdefault(r["reward"], {})[r["method"]] = r
+    return {"results": results, "targets": targets(results), "budget": budget}
+
+
+def targets(results: dict) -> dict:
+    out = {}
+    for reward, runs in results.items():
+        t = {}
+        for m, r in runs.items():
+            t[f"{m}_margin_in_std"] = (r["reward_after"] - r["reward_before"]) / max(r["reward_before_std"], 1e-12)
+            if m.endswith("+kl"):
+                t[f"{m}_fid_drift"] = r["fid_after"] / r["fid_before"]
+        ddpo = [runs[m] for m in ("ddpo_is", "ddpo_sf") if m in runs]
+        if ddpo:
+            best = max(ddpo, key=lambda r: r["reward_after"])
+            for m in ("draft", "refl"):
+                if m in runs:
+                    hit = next((c["samples"] for c in runs[m]["curve"] if c["reward"] >= best["curve"][-1]["reward"]), None)
+                    t[f"{m}_samples_to_ddpo_final_fraction"] = None if hit is None else hit / best["samples"]
+        out[reward] = t
+    return out
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    lines = ["# Reward fine-tuning of the digits model (same sample budget for every method)", ""]
+    for reward, runs in report["results"].items():
+        lines += [f"## {reward}", "", "| method | reward before | reward after | margin (std) | FID before | FID after "
+                  "| samples | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for m, r in runs.items():
+            margin = (r["reward_after"] - r["reward_before"]) / max(r["reward_before_std"], 1e-12)
+            lines.append(f"| {m} | {r['reward_before']:.3f} ± {r['reward_before_std']:.3f} | {r['reward_after']:.3f} | "
+                         f"{margin:.1f} | {r['fid_before']:.1f} | {r['fid_after']:.1f} | {r['samples']} | {r['seconds']:.0f} |")
+        lines.append("")
+    lines += ["## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report["budget"]]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    rewards = list(report["results"])
+    if not rewards:
+        return
+    fig, axes = plt.subplots(1, len(rewards), figsize=(4.5 * len(rewards), 3.5), squeeze=False)
+    for ax, reward in zip(axes[0], rewards):
+        for m, r in report["results"][reward].items():
+            ax.plot([c["samples"] for c in r["curve"]], [c["reward"] for c in r["curve"]], marker="o", ms=3, label=m)
+        ax.set_title(reward)
+        ax.set_xlabel("training samples")
+        ax.set_ylabel("mean reward")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rewards", nargs="+", default=REWARDS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--samples", type=int, default=4096, help="training images per run")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sampling-steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--kl-weight", type=float, default=1.0, help="0: no '+kl' runs")
+    p.add_argument("--eval-every", type=int, default=16, help="iterations between curve points")
+    p.add_argument("--pretrain-steps", type=int, default=4000)
+    p.add_argument("--base-channels", type=int, default=16)
+    p.add_argument("--pretrained-run", default=str(ROOT / "runs" / "images" / "teachers" / "ddpm_v"))
+    p.add_argument("--runs", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--assemble", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    given = argv if argv is not None else sys.argv
+    if args.quick:
+        for name, value in (("samples", 128), ("batch_size", 16), ("sampling_steps", 6), ("eval_every", 4),
+                            ("pretrain_steps", 300), ("base_channels", 8)):
+            if f"--{name.replace('_', '-')}" not in given:
+                setattr(args, name, value)
+        if "--pretrained-run" not in given:
+            args.pretrained_run = str(ROOT / "runs" / "image_reward_quick" / "pretrained")
+    tag = "image_reward_quick" if args.quick else "image_reward"
+    out = Path(args.out) if args.out else ROOT / "results" / tag
+    run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag
+    result_root = out.parent / f"{out.name}_runs"
+    budget = (f"Budget: {args.samples} training images per run (batch {args.batch_size}, {args.sampling_steps} sampling "
+              f"steps, lr {args.lr}); KL runs with weight {args.kl_weight}; pre-trained: ddpm_v digits U-Net "
+              f"(base {args.base_channels}, {args.pretrain_steps} steps); seed 0.")
+    if not args.assemble:
+        from diffpolicy.images import ImageMetrics
+        from diffpolicy.images.rewards import make_reward
+
+        torch.set_num_threads(1)
+        model = pretrained(args)
+        metrics = ImageMetrics(8)
+        methods = args.methods + ([f"{m}+kl" for m in ("ddpo_is", "draft")] if args.kl_weight > 0 else [])
+        for reward_name in args.rewards:
+            differentiable = make_reward(reward_name).differentiable
+            for m in methods:
+                if m.split("+")[0] in ("draft", "refl") and not differentiable:
+                    continue
+                if m.split("+")[0] not in args.methods:
+                    continue
+                r = run_one(reward_name, m, model, metrics, args, run_root, result_root)
+                print(f"[{reward_name} / {m}] reward {r['reward_before']:.3f} -> {r['reward_after']:.3f}, "
+                      f"FID {r['fid_before']:.1f} -> {r['fid_after']:.1f} ({r['seconds']:.0f} s)", flush=True)
+    report = assemble(result_root, budget)
+    write_outputs(report, out)
+    print(out.with_suffix(".md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
