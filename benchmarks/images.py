@@ -35,11 +35,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 NFES = [1, 2, 4, 8, 16, 32, 50]
-TEACHER_SAMPLERS = {  # family -> [(sampler, nfe grid)], one network evaluation per step
-    "ddpm_eps": [("ddim", NFES), ("dpmpp_2m", [4, 8, 16, 32])],
-    "ddpm_x0": [("ddim", NFES)],
+TEACHER_SAMPLERS = {  # family -> [(sampler, nfe grid)], one network evaluation per step; the students' first
     "ddpm_v": [("ddim", NFES), ("dpmpp_2m", [4, 8, 16, 32])],
     "rf": [("rf_euler", NFES)],
+    "ddpm_eps": [("ddim", NFES), ("dpmpp_2m", [4, 8, 16, 32])],
+    "ddpm_x0": [("ddim", NFES)],
     "ct": [("consistency", [1, 2, 4])],
     "trigflow": [("ddim", NFES), ("trigflow", [1, 2])],
 }
