@@ -424,13 +424,19 @@ def main(argv=None):
               f"{args.samples} samples per FID; {args.size}x{args.size} digits; seed {args.seed}.")
     grids = {}
     if not args.assemble:
-        for fam in args.families:
+        def teacher(fam):
             r = run_teacher(fam, args, metrics, run_root, result_root)
             best = min((f, n, s) for s, ev in r["samplers"].items() for f, n in zip(ev["fid"], ev["nfe"]))
             print(f"[{fam}] best FID {best[0]:.2f} ({best[2]}, NFE {best[1]})", flush=True)
+
+        needed = {STUDENTS[m] for m in args.students}  # the students' teachers, then the students, then the rest
+        for fam in [f for f in args.families if f in needed]:
+            teacher(fam)
         for m in args.students:
             r = run_student(m, args, metrics, run_root, result_root)
             print(f"[{m}] FID " + ", ".join(f"NFE {n}: {f:.2f}" for n, f in zip(r["nfe"], r["fid"])), flush=True)
+        for fam in [f for f in args.families if f not in needed]:
+            teacher(fam)
         from diffpolicy.images import sample_images
 
         for fam in args.families:  # sample grids of the teachers at 16 NFE (their first sampler)
