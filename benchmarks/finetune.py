@@ -23,7 +23,7 @@ iteration whose policy makes the same ``K`` bare network forwards.
 Usage::
 
     python benchmarks/finetune.py --quick                           # smoke run, minutes
-    python benchmarks/finetune.py --env-steps 500000 --seeds 0 1 2  # the full Hopper-v5 run
+    python benchmarks/finetune.py --seeds 0 1 2                     # the full Hopper-v5 run (1e6 env steps)
     python benchmarks/finetune.py --assemble                        # table from finished runs only
 """
 from __future__ import annotations
@@ -295,7 +295,7 @@ def main(argv=None):
     p.add_argument("--quality", default="medium")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--env-steps", type=int, default=500_000, help="environment steps per run")
+    p.add_argument("--env-steps", type=int, default=1_000_000, help="environment steps per run")
     p.add_argument("--num-envs", type=int, default=10)
     p.add_argument("--steps-per-iter", type=int, default=250,
                    help="policy decisions per env per iteration (action chunks for the diffusion methods)")
