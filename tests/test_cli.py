@@ -62,3 +62,21 @@ def test_dataset_make_rejects_unknown_quality(capsys):
         main(["dataset", "make", "Hopper-v5", "excellent"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and all(q in err for q in QUALITIES)
+
+
+def test_image_pretrain_then_sample_and_clear_errors(tmp_path, capsys):
+    run = tmp_path / "v"
+    assert main(["image", "pretrain", str(run), "family=ddpm_v", "steps=20", "batch_size=16", "base_channels=8",
+                 "log_every=10", "--no-progress"]) == 0
+    assert "ddpm_v: 20 steps" in capsys.readouterr().out
+    assert main(["image", "sample", str(run), "--n", "12", "--steps", "4", "--out", str(tmp_path / "g.png")]) == 0
+    assert "12 samples of ddpm_v at step 20" in capsys.readouterr().out
+    import torch
+    x = torch.load(tmp_path / "g.pt")
+    assert x.shape == (12, 1, 8, 8) and (tmp_path / "g.png").stat().st_size > 0
+    assert main(["image", "pretrain", str(run), "stesp=5"]) == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert main(["image", "sample", str(tmp_path / "nothing")]) == 2
+    assert "holds no pre-training run" in capsys.readouterr().err
+    assert main(["image", "sample", str(run), "--sampler", "magic"]) == 2
+    assert "unknown sampler 'magic'" in capsys.readouterr().err

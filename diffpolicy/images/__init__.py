@@ -3,8 +3,10 @@ quality metrics from a small digit classifier trained here (FID, KID, precision 
 class accuracy), and pre-training of every model family with one entry point."""
 from .data import augment, load_digits, load_image_folder
 from .metrics import DigitClassifier, ImageMetrics, frechet_distance, kid, precision_recall
-from .pretrain import FAMILIES, ImagePretrainConfig, make_image_denoiser, pretrain_images, sample_images
+from .pretrain import (FAMILIES, ImagePretrainConfig, load_pretrained, make_image_denoiser, pretrain_images,
+                       sample_images)
 
 __all__ = ["load_digits", "load_image_folder", "augment", "DigitClassifier", "ImageMetrics", "frechet_distance",
-           "kid", "precision_recall", "FAMILIES", "ImagePretrainConfig", "make_image_denoiser", "pretrain_images",
+           "kid", "precision_recall", "FAMILIES", "ImagePretrainConfig", "load_pretrained", "make_image_denoiser",
+           "pretrain_images",
            "sample_images"]

@@ -45,7 +45,8 @@ from diffpolicy.samplers import consistency_timesteps, prior, run_sampler, sampl
 
 from .data import augment, load_digits
 
-__all__ = ["FAMILIES", "ImagePretrainConfig", "make_image_denoiser", "pretrain_images", "sample_images"]
+__all__ = ["FAMILIES", "ImagePretrainConfig", "load_pretrained", "make_image_denoiser", "pretrain_images",
+           "sample_images"]
 
 FAMILIES = ("ddpm_eps", "ddpm_x0", "ddpm_v", "rf", "ct", "trigflow")
 NUM_CLASSES = 10
@@ -189,6 +190,22 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
         logger.close()
     return {"model": den, "ema": ema.module.eval(), "history": state["history"], "steps": state["step"],
             "seconds": state["seconds"]}
+
+
+def load_pretrained(run_dir) -> tuple[ImagePretrainConfig, Denoiser, int]:
+    """``(config, ema_model, step)`` of a pre-training run directory, without training: the EMA
+    weights of its checkpoint (loaded weights-only) in a model built from its ``config.json``."""
+    from diffpolicy.config import load_config
+
+    run = pathlib.Path(run_dir)
+    if not (run / "config.json").exists() or not (run / "checkpoint.pt").exists():
+        raise FileNotFoundError(f"{run} holds no pre-training run (config.json and checkpoint.pt); "
+                                "train one with pretrain_images(cfg, run_dir=...) or `diffpolicy image pretrain`")
+    cfg = load_config(ImagePretrainConfig, **json.loads((run / "config.json").read_text()))
+    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ema = EMA(make_image_denoiser(cfg), cfg.ema_decay, warmup=True)
+    ema.load_state_dict(saved["ema"])
+    return cfg, ema.module.eval(), int(saved["state"]["step"])
 
 
 def _process_group() -> tuple[int, int]:
