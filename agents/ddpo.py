@@ -73,7 +73,7 @@ class DDPO(ImageRewardTuner):
                          reduction="mean", generator=generator)
             x = td["next", "x"][:, -1]
             if deterministic_end:
-                x = self.model.x0_eps(x, torch.full((x.shape[0],), float(ts[-1])), context)[0]
+                x = self.model.x0_eps(x, torch.full((x.shape[0],), float(ts[-1]), device=x.device), context)[0]
             reward = self.reward(x.clamp(-1, 1), context)
         keys = context if context is not None else [0] * c.batch_size
         td["advantage"] = self.standardize(keys, reward)[:, None].expand(td.batch_size)

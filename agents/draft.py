@@ -51,4 +51,4 @@ class DRaFT(ImageRewardTuner):
                      reduction=None, train_steps=k, grad=True, generator=generator)
         x0 = td["next", "x"][:, -1]
         self.last_samples = (x0, context)
-        return -self.reward(x0, context).mean()
+        return -self.reward(x0.clamp(-1, 1), context).mean()  # the images as evaluated

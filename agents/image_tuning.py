@@ -1,12 +1,21 @@
-"""Reward fine-tuning of image diffusion models: what DDPO, DRaFT and ReFL share.
+"""Reward fine-tuning of image diffusion models: what DDPO, DRaFT, ReFL and DRWR share.
 
 A tuner holds the model being fine-tuned (a copy of the pre-trained one), a reward
 (:mod:`diffpolicy.images.rewards`) and the sampling grid; each method defines
 ``loss(step, generator)``, the scalar loss of one iteration on freshly sampled images, and
 :meth:`ImageRewardTuner.fit` runs it through :func:`diffpolicy.distill.train.train_student`
-(EMA, CSV + TensorBoard logs, checkpoints that resume). Contexts are class labels drawn
-uniformly when the model is class-conditional, else None. ``samples_seen`` counts the images
-sampled for training, the budget the methods are compared on.
+(EMA, CSV + TensorBoard logs, checkpoints). Contexts are class labels drawn uniformly when the
+model is class-conditional, else None. :meth:`ImageRewardTuner.samples` gives the images sampled
+for training, the budget the methods are compared on. Resume restores the model, optimiser and
+RNGs; DDPO's and DRWR's per-context reward statistics restart empty (batch statistics are used
+until they refill).
+
+KL regularisation (``kl_weight > 0``, any method): a re-noised eps-matching regulariser,
+``E_t ||eps_theta(x_t, t) - eps_ref(x_t, t)||^2`` with ``x_t`` the iteration's own images
+re-noised to uniform times. It is in the spirit of DPOK's bound (Fan et al. 2023, Lemma 4.2),
+whose expectation is over the fine-tuned chain's own states with per-step weights; this
+surrogate is cheaper, works for every method, and is 0 exactly when the model equals the
+pre-trained one.
 """
 from __future__ import annotations
 
@@ -52,6 +61,7 @@ class ImageRewardTuner:
             net.cfg_dropout = 0.0  # sampled contexts are always given
         self.reward, self.size = reward, size
         self.ts = self.model.schedule.timesteps(self.config.sampling_steps)
+        self.device = next(self.model.parameters()).device
         self.reference = None
         if self.config.kl_weight > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -70,11 +80,11 @@ class ImageRewardTuner:
 
     def contexts(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
         k = self.config.num_classes
-        return None if k == 0 else torch.randint(0, k, (n,), generator=generator)
+        return None if k == 0 else torch.randint(0, k, (n,), generator=generator).to(self.device)
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         channels = getattr(getattr(self.model, "net", None), "in_channels", 1)
-        return prior(self.model, (n, channels, self.size, self.size), generator=generator)
+        return prior(self.model, (n, channels, self.size, self.size), generator=generator).to(self.device)
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, model: DenoiserBase | None = None) -> tuple[Tensor, Tensor | None]:
@@ -102,12 +112,12 @@ class ImageRewardTuner:
         raise NotImplementedError
 
     def kl_penalty(self, x0: Tensor, context, generator: torch.Generator) -> Tensor:
-        """``E ||eps_theta - eps_ref||^2`` at ``x0`` re-noised to random times (module doc)."""
+        """``E ||eps_theta - eps_ref||^2`` at ``x0`` re-noised to uniform times (the module's KL regulariser)."""
         sched = self.model.schedule
         x0 = x0.detach()
-        t = sched.sample_t(x0.shape[0], generator=generator)
+        t = sched.sample_t(x0.shape[0], generator=generator).to(x0.device)
         alpha, sigma = (v.to(x0.dtype).view(-1, *[1] * (x0.dim() - 1)) for v in sched.alpha_sigma(t))
-        x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         eps = self.model.x0_eps(x_t, t, context)[1]
         with torch.no_grad():
             eps_ref = self.reference.x0_eps(x_t, t, context)[1]

@@ -45,7 +45,7 @@ class ReFL(ImageRewardTuner):
         if j > 0:
             x = rollout(self.model, x, self.ts[: j + 1], context, eta=cfg.eta, reduction=None,
                         generator=generator)["next", "x"][:, -1]
-        t = torch.full((x.shape[0],), float(self.ts[j]))
+        t = torch.full((x.shape[0],), float(self.ts[j]), device=x.device)
         x0 = self.model.x0_eps(x, t, context)[0]
         self.last_samples = (x0, context)
-        return -self.reward(x0, context).mean()
+        return -self.reward(x0.clamp(-1, 1), context).mean()  # the images as evaluated

@@ -107,7 +107,7 @@ def _image_command(args) -> int:
         return 0
     try:
         cfg, model, step = load_pretrained(run)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     labels = torch.arange(args.n) % 10 if cfg.class_conditional else None

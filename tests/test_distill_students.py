@@ -107,10 +107,11 @@ def test_sds_gradient_is_the_weighted_noise_residual_and_its_loss_backpropagates
     torch.testing.assert_close(x.grad, grad)
     # by hand: the same t and eps draws, w = sigma^2, eps_hat - eps
     g = torch.Generator().manual_seed(4)
-    t = sched.t_min + (0.02 + 0.96 * torch.rand(32, generator=g)) * (sched.t_max - sched.t_min)
+    t = (sched.t_min + (0.02 + 0.96 * torch.rand(32, generator=g, dtype=torch.float64)) * (sched.t_max - sched.t_min)).round()
+    assert t.min() >= 0.02 * 999 - 2 and t.max() <= 0.98 * 999 + 1  # integer DDPM steps inside the range
     eps = torch.randn(32, 2, generator=g)
     alpha, sigma = (v[:, None] for v in sched.alpha_sigma(t))
-    by_hand = sigma**2 * (teacher(alpha * x.detach() + sigma * eps, t) - eps)
+    by_hand = sigma**2 * (teacher(alpha * x.detach() + sigma * eps, t.float()) - eps)
     torch.testing.assert_close(grad, by_hand.float())
 
 
@@ -276,3 +277,19 @@ def test_guided_student_matches_the_cfg_teacher_at_every_weight():
         a = run_sampler("ddim", student, x.clone(), ts, cond=with_guidance(c, torch.full((600,), 1.0)))
         b = run_sampler("ddim", student, x.clone(), ts, cond=with_guidance(c, torch.full((600,), 3.0)))
     assert float((a - b).norm(dim=1).mean()) > 0.05
+
+
+def test_ode_pairs_refuse_stochastic_couplings():
+    teacher = GaussianMixtureDenoiser(S.RectifiedFlow(), MEANS, COVS, prediction="rf_velocity")
+    for sampler, kw in (("ddpm", {}), ("lcm", {}), ("consistency", {}), ("ddim", {"eta": 1.0})):
+        with pytest.raises(ValueError, match="deterministic ODE coupling"):
+            ode_pairs(teacher, (4, 2), 2, sampler=sampler, **kw)
+
+
+def test_score_distillation_times_are_log_uniform_in_sigma_on_edm():
+    from diffpolicy.distill.score_distillation import _times
+    sched = S.EDM()
+    t = _times(sched, 20000, (0.0, 1.0), torch.Generator().manual_seed(0), "cpu", torch.float64)
+    assert float(t.min()) >= sched.sigma_min and float(t.max()) <= sched.t_max
+    mid = (torch.tensor(sched.sigma_min).log() + torch.tensor(sched.t_max).log()) / 2
+    assert abs(float(t.log().median()) - float(mid)) < 0.1  # not the linear-in-sigma mass at sigma ~ 40

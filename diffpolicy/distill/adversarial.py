@@ -70,9 +70,10 @@ def add_losses(student: DenoiserBase, teacher: DenoiserBase, discriminator, x0: 
     "adversarial", "distill"}`` (the last two are the generator's parts, for logging).
 
     ``student_times``: the student's sampling times (e.g. ``schedule.timesteps(4)[:-1]``); each
-    sample is noised to one of them. The discriminator sees clean images with ``t = 0``-like
-    times replaced by ``None`` (it is called ``D(x, None, cond)``). Minimise ``generator`` in the
-    student's parameters and ``discriminator`` in the discriminator's.
+    sample is noised to one of them. The discriminator is called on clean images as
+    ``D(x, None, cond)``. Minimise ``generator`` in the student's parameters and
+    ``discriminator`` in the discriminator's: backpropagating ``generator`` also leaves gradients
+    in the discriminator, so zero them before its step (``train_student(after_step=...)``).
     """
     if repr(teacher.schedule) != repr(student.schedule):
         raise ValueError(f"teacher ({teacher.schedule!r}) and student ({student.schedule!r}) must share one schedule")

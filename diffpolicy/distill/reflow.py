@@ -27,7 +27,9 @@ from diffpolicy.denoiser import DenoiserBase, expand_like
 from diffpolicy.losses import _mean_per_sample, _metric, diffusion_loss
 from diffpolicy.samplers import prior, run_sampler
 
-__all__ = ["ode_pairs", "one_step", "pair_regression_loss", "reflow_loss", "velocity_mapping_loss"]
+__all__ = ["ODE_SAMPLERS", "ode_pairs", "one_step", "pair_regression_loss", "reflow_loss", "velocity_mapping_loss"]
+
+ODE_SAMPLERS = ("rf_euler", "euler", "ddim", "heun", "dpmpp_2m")  # deterministic solvers of the probability-flow ODE
 
 
 @torch.no_grad()
@@ -35,9 +37,9 @@ def ode_pairs(teacher: DenoiserBase, shape, steps: int, *, cond=None, sampler: s
               generator: torch.Generator | None = None, **sampler_kwargs) -> tuple[Tensor, Tensor]:
     """``(z, x)``: noise ``z`` from the teacher's prior and its deterministic ODE solution ``x``
     (``steps`` steps of ``sampler``; ``rf_euler``, ``ddim``, ``heun`` or ``dpmpp_2m``)."""
-    if sampler in ("ddpm", "sde", "langevin", "consistency"):
-        raise ValueError(f"sampler {sampler!r} is stochastic: reflow and InstaFlow need the ODE coupling "
-                         "(rf_euler, ddim, heun, dpmpp_2m)")
+    if sampler not in ODE_SAMPLERS or float(sampler_kwargs.get("eta", 0.0)) != 0.0:
+        raise ValueError(f"reflow and InstaFlow need a deterministic ODE coupling: sampler one of "
+                         f"{', '.join(ODE_SAMPLERS)} (and eta = 0), got {sampler!r} {sampler_kwargs or ''}")
     z = prior(teacher, shape, generator=generator)
     x = run_sampler(sampler, teacher, z.clone(), teacher.schedule.timesteps(steps), cond=cond, **sampler_kwargs)
     return z, x

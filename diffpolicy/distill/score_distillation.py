@@ -24,11 +24,14 @@ exactly ``grad`` (the usual stop-gradient trick; the value itself is not meaning
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from diffpolicy.denoiser import CFGDenoiser, DenoiserBase, expand_like
 from diffpolicy.losses import diffusion_loss
+from diffpolicy.schedules import VE, DiscreteVP
 
 __all__ = ["WEIGHTINGS", "fake_score_loss", "score_distillation_grad", "score_distillation_loss"]
 
@@ -36,11 +39,20 @@ WEIGHTINGS = ("sds", "dmd", "uniform")
 
 
 def _times(schedule, n: int, t_range: tuple[float, float], generator, device, dtype) -> Tensor:
+    """Times at fractions ``u ~ U(t_range)`` of the schedule's range: linear in ``t`` (integer
+    steps for DiscreteVP, as its networks were trained), in ``log sigma`` for VE/EDM (``t = sigma``)."""
     lo, hi = t_range
     if not 0 <= lo < hi <= 1:
         raise ValueError(f"t_range must be fractions 0 <= lo < hi <= 1 of the schedule's time range, got {t_range}")
-    u = lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
-    return (schedule.t_min + u * (schedule.t_max - schedule.t_min)).to(dtype)
+    u = lo + (hi - lo) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    if isinstance(schedule, VE):  # from sigma_min (t_min is 0, the data itself) to sigma_max
+        s_lo = max(getattr(schedule, "sigma_min", 0.0) or 0.0, schedule.t_min, 1e-3)
+        t = (math.log(s_lo) + u * (math.log(schedule.t_max) - math.log(s_lo))).exp()
+    else:
+        t = schedule.t_min + u * (schedule.t_max - schedule.t_min)
+        if isinstance(schedule, DiscreteVP):
+            t = t.round()
+    return t.to(dtype)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ pass those modules and optimisers as ``aux`` so the checkpoint holds them.
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 from typing import Callable
@@ -43,7 +44,8 @@ def train_student(student: nn.Module, loss_fn: Callable[[int, torch.Generator], 
     state = {"step": 0, "history": [], "seconds": 0.0}
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
     ckpt = run_path / "checkpoint.pt" if run_path is not None else None
-    saved = open_run(run_path, {**(config or {}), "lr": lr, "ema_decay": ema_decay, "seed": seed}, {"steps": steps})
+    conf = json.loads(json.dumps({**(config or {}), "lr": lr, "ema_decay": ema_decay, "seed": seed}, default=list))
+    saved = open_run(run_path, conf, {"steps": steps})  # JSON round trip: tuples compare as the lists saved
     if saved is not None:
         student.load_state_dict(saved["student"])
         ema.load_state_dict(saved["ema"])

@@ -20,9 +20,10 @@ checkpoints that resume (model, EMA, optimiser, step, RNGs).
 Scale: ``device="cuda"`` and ``bf16=True`` (autocast of the forward and loss in bfloat16, weights
 and optimiser in float32). Under ``torchrun`` (a process group initialised before the call) the
 network is wrapped in DistributedDataParallel: every rank draws the same global batch of
-``batch_size`` and trains on its ``rank::world`` slice, so gradients are averaged over the whole
-batch, replicas stay identical, and rank 0 alone writes logs and checkpoints (which every rank
-resumes from). ``device`` and ``bf16`` are not part of a run's identity: a run may resume elsewhere.
+``batch_size`` and trains on its ``rank::world`` slice with its own noise (the global RNG is
+reseeded from ``(seed, rank, step)`` each step, so a resumed run continues exactly), gradients
+are averaged over the whole batch, replicas stay identical, and rank 0 alone writes logs and
+checkpoints (which every rank resumes from). ``device`` and ``bf16`` are not part of a run's identity: a run may resume elsewhere.
 """
 from __future__ import annotations
 
@@ -119,11 +120,21 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     ckpt = run_path / "checkpoint.pt" if run_path is not None else None
     conf = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                   if k not in ("steps", "device", "bf16")}, default=list))
-    saved = open_run(run_path, conf, {"steps": cfg.steps}) if rank == 0 else None
-    if world > 1:  # the others resume from what rank 0 checked
-        torch.distributed.barrier()
+    saved, error = None, None
+    if rank == 0:
+        try:
+            saved = open_run(run_path, conf, {"steps": cfg.steps})
+        except ValueError as e:
+            error = e
+    if world > 1:  # the others learn rank 0's verdict, then resume from what it checked
+        verdict = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise ValueError(verdict[0])
         if rank and ckpt is not None and ckpt.exists():
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if error is not None:
+        raise error
     if saved is not None:
         den.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
@@ -157,6 +168,8 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
 
     try:
         while state["step"] < cfg.steps:
+            if world > 1:  # each rank its own noise, times and CFG drops: a function of (seed, rank, step)
+                torch.manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + state["step"])
             idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
             x0 = augment(x[idx], shift=cfg.shift, generator=gen) if cfg.shift else x[idx]
             x0, labels = x0[rank::world].to(device), y[idx][rank::world].to(device)
