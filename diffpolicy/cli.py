@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .demo import DemoConfig, run_demo
@@ -102,8 +103,24 @@ def _image_command(args) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        out = pretrain_images(cfg, run_dir=run, progress=args.progress)
-        print(f"{cfg.family}: {out['steps']} steps, last loss {out['history'][-1]['loss']:.4f} ({run})")
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+        if distributed:
+            import dataclasses
+
+            import torch.distributed as dist
+
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if cfg.device.startswith("cuda"):
+                torch.cuda.set_device(local)
+                cfg = dataclasses.replace(cfg, device=f"cuda:{local}")
+            dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        try:
+            out = pretrain_images(cfg, run_dir=run, progress=args.progress and not distributed)
+        finally:
+            if distributed:
+                dist.destroy_process_group()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{cfg.family}: {out['steps']} steps, last loss {out['history'][-1]['loss']:.4f} ({run})")
         return 0
     try:
         cfg, model, step = load_pretrained(run)

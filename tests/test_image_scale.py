@@ -45,3 +45,23 @@ def test_two_gloo_processes_keep_identical_replicas(tmp_path):
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(saved[k], a[k], rtol=0, atol=0)
+
+
+def test_the_cli_under_torchrun_trains_one_run_with_two_processes(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this python")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "diffpolicy.cli", "image",
+                          "pretrain", str(run), "family=ddpm_v", "steps=20", "batch_size=16", "base_channels=8",
+                          "log_every=10", "checkpoint_every=10", "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("ddpm_v: 20 steps") == 1  # rank 0 reports, once
+    assert (run / "train.csv").read_text().count("\n") == 3
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["state"]["step"] == 20
