@@ -39,7 +39,7 @@ class ImageTuneConfig:
     batch_size: int = 32            # images sampled per iteration
     lr: float = 1e-4
     ema_decay: float = 0.0          # 0: sample the fine-tuned weights themselves
-    num_classes: int = 10           # contexts drawn from 0..num_classes-1 (0: unconditional)
+    num_classes: int | None = None  # contexts drawn from 0..num_classes-1 (0: unconditional; None: the net's)
     kl_weight: float = 0.0          # weight of the KL-to-pre-trained penalty (0: off)
     seed: int = 0
 
@@ -62,6 +62,13 @@ class ImageRewardTuner:
         self.reward, self.size = reward, size
         self.ts = self.model.schedule.timesteps(self.config.sampling_steps)
         self.device = next(self.model.parameters()).device
+        net_classes = getattr(net, "num_classes", None)
+        if self.config.num_classes is None:
+            self.config = dataclasses.replace(self.config, num_classes=net_classes or 0)
+        elif net_classes == 0 and self.config.num_classes:
+            raise ValueError(f"num_classes={self.config.num_classes} but the model is unconditional: use num_classes=0")
+        elif net_classes is not None and self.config.num_classes > net_classes:
+            raise ValueError(f"num_classes={self.config.num_classes} but the model knows {net_classes} classes")
         self.reference = None
         if self.config.kl_weight > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)

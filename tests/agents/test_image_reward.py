@@ -100,3 +100,13 @@ def test_kl_penalty_is_zero_at_the_start_and_keeps_the_model_near_the_pre_traine
     gain = [t.evaluate(64, seed=1)["reward_mean"] for t in (free, tied)]
     assert drift[1] < 0.5 * drift[0], drift
     assert gain[1] < gain[0], gain
+
+
+def test_contexts_follow_the_model():
+    assert DRaFT(_model(), Brightness(), 8).config.num_classes == 10
+    torch.manual_seed(0)
+    uncond = Denoiser(Unet2D(1, 8, (1, 2), 1), S.DiscreteVP(1000), "v")
+    tuner = DRaFT(uncond, Brightness(), 8, batch_size=4, sampling_steps=3)
+    assert tuner.contexts(4) is None and tuner.loss(0, torch.Generator().manual_seed(0)).isfinite()
+    with pytest.raises(ValueError, match="the model is unconditional"):
+        DRaFT(uncond, Brightness(), 8, num_classes=10)
