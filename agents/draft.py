@@ -31,12 +31,10 @@ class DRaFTConfig(ImageTuneConfig):
 class DRaFT(ImageRewardTuner):
     name = "draft"
     config_class = DRaFTConfig
+    needs_reward_gradient = True
 
     def __init__(self, model, reward, size, config=None, **overrides):
         super().__init__(model, reward, size, config, **overrides)
-        if not reward.differentiable:
-            raise ValueError(f"DRaFT backpropagates through the reward; {reward.name!r} is not differentiable "
-                             "(use DDPO or DRWR)")
         if not 1 <= self.config.grad_steps <= self.config.sampling_steps:
             raise ValueError(f"grad_steps must be in [1, sampling_steps={self.config.sampling_steps}], "
                              f"got {self.config.grad_steps}")

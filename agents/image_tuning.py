@@ -49,9 +49,13 @@ class ImageRewardTuner:
 
     name = "image_tuner"
     config_class = ImageTuneConfig
+    needs_reward_gradient = False   # DRaFT / ReFL backpropagate through the reward
 
     def __init__(self, model: DenoiserBase, reward: Reward, size: int, config: ImageTuneConfig | None = None,
                  **overrides):
+        if self.needs_reward_gradient and not reward.differentiable:
+            raise ValueError(f"{type(self).__name__} backpropagates through the reward; {reward.name!r} is not "
+                             "differentiable (use DDPO or DRWR)")
         cfg = config or self.config_class()
         self.config = dataclasses.replace(cfg, **overrides) if overrides else cfg
         self.model = copy.deepcopy(model).train()

@@ -27,12 +27,10 @@ class ReFLConfig(ImageTuneConfig):
 class ReFL(ImageRewardTuner):
     name = "refl"
     config_class = ReFLConfig
+    needs_reward_gradient = True
 
     def __init__(self, model, reward, size, config=None, **overrides):
         super().__init__(model, reward, size, config, **overrides)
-        if not reward.differentiable:
-            raise ValueError(f"ReFL backpropagates through the reward; {reward.name!r} is not differentiable "
-                             "(use DDPO or DRWR)")
         if not 1 <= self.config.late_steps <= self.config.sampling_steps:
             raise ValueError(f"late_steps must be in [1, sampling_steps={self.config.sampling_steps}]")
 

@@ -5,7 +5,7 @@ What is measured (``python benchmarks/image_reward.py``; ``--quick`` is a smoke 
 * The pre-trained model is the image benchmark's DDPM v-prediction teacher
   (``benchmarks/runs/images/teachers/ddpm_v``; trained here with the same settings if absent).
 * Methods (``diffpolicy.agents``): DDPO-SF, DDPO-IS (2 inner epochs), DRaFT-K (K = 2), ReFL,
-  DRWR, and with ``--kl-weight`` a KL-regularised copy of each (``<method>+kl``).
+  DRWR, and with ``--kl-weight`` KL-regularised copies of DDPO-IS and DRaFT (``<method>+kl``).
   Differentiable methods run only on differentiable rewards.
 * Rewards (``diffpolicy.images.rewards``): the digit classifier's log-probability of the
   sampled class (``class``), ``brightness`` and JPEG ``compressibility``.
@@ -49,14 +49,17 @@ def pretrained(args):
     return pretrain_images(teacher_cfg("ddpm_v", ns), run_dir=Path(args.pretrained_run), progress=args.progress)["ema"]
 
 
-def make_tuner(method: str, model, reward, args):
+def _tuner_class(method: str):
     import importlib
 
-    base, kl = method.split("+")[0], method.endswith("+kl")
-    module, cls, settings = METHODS[base]
-    tuner_cls = getattr(importlib.import_module(f"diffpolicy.agents.{module}"), cls)
-    return tuner_cls(model, reward, 8, sampling_steps=args.sampling_steps, batch_size=args.batch_size, lr=args.lr,
-                     kl_weight=args.kl_weight if kl else 0.0, **settings)
+    module, cls, _ = METHODS[method.split("+")[0]]
+    return getattr(importlib.import_module(f"diffpolicy.agents.{module}"), cls)
+
+
+def make_tuner(method: str, model, reward, args):
+    settings = METHODS[method.split("+")[0]][2]
+    return _tuner_class(method)(model, reward, 8, sampling_steps=args.sampling_steps, batch_size=args.batch_size,
+                                lr=args.lr, kl_weight=args.kl_weight if method.endswith("+kl") else 0.0, **settings)
 
 
 def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path, result_root: Path) -> dict | None:
@@ -207,7 +210,7 @@ def main(argv=None):
         for reward_name in args.rewards:
             differentiable = make_reward(reward_name).differentiable
             for m in methods:
-                if m.split("+")[0] in ("draft", "refl") and not differentiable:
+                if _tuner_class(m).needs_reward_gradient and not differentiable:
                     continue
                 if m.split("+")[0] not in args.methods:
                     continue

@@ -157,7 +157,7 @@ def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict
         while n >= 1:
             student = _student_from(current)
             res = train_student(student, lambda step, g, t=current, s=student, n=n: progressive_distillation_loss(
-                s, t, *_split(_batch(x, y, bs, g)), student_steps=n, generator=g).mean(),
+                s, t, *_batch(x, y, bs, g), student_steps=n, generator=g).mean(),
                 steps=args.student_steps, run_dir=run_dir / f"round_{n}", config={"method": "pd", "student_steps": n},
                 desc=f"pd {2 * n}->{n}", **common)
             current = res["ema"]
@@ -167,7 +167,7 @@ def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict
     if method == "cd":
         student = _student_from(teacher)
         res = train_student(student, lambda step, g: consistency_distillation_loss(
-            student, teacher, *_split(_batch(x, y, bs, g)), num_scales=args.cd_scales, generator=g).mean(),
+            student, teacher, *_batch(x, y, bs, g), num_scales=args.cd_scales, generator=g).mean(),
             steps=args.student_steps, run_dir=run_dir, config={"method": "cd", "num_scales": args.cd_scales},
             desc="cd", **common)
         return [({"train_seconds": res["seconds"]}, res["ema"])]
@@ -224,7 +224,7 @@ def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict
         pending = {}
 
         def add_loss(step, g):
-            pending.update(add_losses(student, teacher, disc, *_split(_batch(x, y, bs, g)), student_times=times,
+            pending.update(add_losses(student, teacher, disc, *_batch(x, y, bs, g), student_times=times,
                                       generator=g))
             return pending["generator"]
 
@@ -237,10 +237,6 @@ def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict
                             aux={"disc": disc, "disc_opt": disc_opt}, desc="add", after_step=disc_step, **common)
         return [({"train_seconds": res["seconds"]}, res["ema"])]
     raise ValueError(f"unknown student {method!r}; valid: {', '.join(STUDENTS)}")
-
-
-def _split(batch):
-    return batch[0], batch[1]
 
 
 def run_student(method: str, args, metrics, run_root: Path, result_root: Path) -> dict:
@@ -365,13 +361,6 @@ def write_outputs(report: dict, out: Path, grids: dict | None = None) -> None:
         plt.close(fig)
 
 
-def grid(x: torch.Tensor, rows: int = 10) -> torch.Tensor:
-    """``[N, 1, s, s]`` images as one ``[rows * s, cols * s]`` tile (first rows x rows images)."""
-    n, _, s, _ = x.shape
-    x = x[: rows * rows, 0].reshape(rows, rows, s, s)
-    return x.permute(0, 2, 1, 3).reshape(rows * s, rows * s)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--families", nargs="+", default=list(TEACHER_SAMPLERS), choices=list(TEACHER_SAMPLERS))
@@ -437,13 +426,13 @@ def main(argv=None):
             print(f"[{m}] FID " + ", ".join(f"NFE {n}: {f:.2f}" for n, f in zip(r["nfe"], r["fid"])), flush=True)
         for fam in [f for f in args.families if f not in needed]:
             teacher(fam)
-        from diffpolicy.images import sample_images
+        from diffpolicy.images import image_grid, sample_images
 
         for fam in args.families:  # sample grids of the teachers at 16 NFE (their first sampler)
             model = load_teacher(fam, args, run_root)
             s, g = TEACHER_SAMPLERS[fam][0]
             nfe = max(n for n in _nfes(g, args))
-            grids[f"{fam} ({s}, {nfe})"] = grid(sample_images(model, 100, args.size, nfe, s, labels=_labels(100),
+            grids[f"{fam} ({s}, {nfe})"] = image_grid(sample_images(model, 100, args.size, nfe, s, labels=_labels(100),
                                                              generator=torch.Generator().manual_seed(1)))
     report = assemble(result_root, floor, ceiling, budget)
     write_outputs(report, out, grids or None)

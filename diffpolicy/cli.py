@@ -94,7 +94,7 @@ def _image_command(args) -> int:
     import torch
 
     from diffpolicy.config import ConfigError, load_config
-    from diffpolicy.images import ImagePretrainConfig, load_pretrained, pretrain_images, sample_images
+    from diffpolicy.images import ImagePretrainConfig, image_grid, load_pretrained, pretrain_images, sample_images
 
     run = Path(args.run_dir)
     if args.image_command == "pretrain":
@@ -139,13 +139,9 @@ def _image_command(args) -> int:
     torch.save(x, png.with_suffix(".pt"))
     from PIL import Image
 
-    cols = 10
-    rows = -(-args.n // cols)
-    tile = torch.full((rows * cfg.size, cols * cfg.size), -1.0)
-    for i, img in enumerate(x[:, 0]):
-        r, c = divmod(i, cols)
-        tile[r * cfg.size:(r + 1) * cfg.size, c * cfg.size:(c + 1) * cfg.size] = img
-    Image.fromarray(((tile + 1) * 127.5).round().byte().numpy()).resize((cols * 32, rows * 32), Image.NEAREST).save(png)
+    tile = image_grid(x, cols=10)
+    Image.fromarray(((tile + 1) * 127.5).round().byte().numpy()).resize((tile.shape[1] * 4, tile.shape[0] * 4),
+                                                                         Image.NEAREST).save(png)
     print(f"{args.n} samples of {cfg.family} at step {step} ({args.sampler}, {args.steps} steps) -> {png}")
     return 0
 

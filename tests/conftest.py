@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +40,16 @@ def pendulum_data(offline_home):
     ds = make_dataset("Pendulum-v1", "medium", n_transitions=2000, behaviour_steps=1000, behaviour_eval_every=500,
                       ref_episodes=2, progress=False)
     return OfflineData.from_minari(ds)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("images")``: the script ``benchmarks/<name>.py`` as a module."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_bench",
+                                                      Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    return load

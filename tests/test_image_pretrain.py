@@ -49,3 +49,12 @@ def test_a_non_finite_loss_stops_with_its_step_before_saving(tmp_path):
         pretrain_images(_cfg("ddpm_eps", steps=20, checkpoint_every=20), data=(x, torch.zeros(8, dtype=torch.long)),
                         run_dir=tmp_path, progress=False)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_image_grid_tiles_row_major_and_pads_with_black():
+    from diffpolicy.images import image_grid
+
+    x = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2)
+    tile = image_grid(x, cols=2)
+    assert tile.shape == (4, 4)
+    torch.testing.assert_close(tile, torch.tensor([[0., 0, 1, 1], [0, 0, 1, 1], [2, 2, -1, -1], [2, 2, -1, -1]]))

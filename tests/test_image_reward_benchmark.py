@@ -1,22 +1,13 @@
 """benchmarks/image_reward.py end to end on tiny budgets: the issue's JSON, differentiable
 methods skipped on non-differentiable rewards, KL copies, and finished runs reused."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("image_reward_bench", ROOT / "benchmarks" / "image_reward.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["image_reward_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("image_reward")
 
 
 def test_tiny_run_writes_the_issue_json_and_resumes(bench, tmp_path):

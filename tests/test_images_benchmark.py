@@ -1,22 +1,13 @@
 """benchmarks/images.py end to end on tiny budgets: the JSON the issue specifies, per-run result
 files that a second call reuses, and the targets computed from them."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("images_bench", ROOT / "benchmarks" / "images.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["images_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("images")
 
 
 TINY = ["--quick", "--families", "ddpm_v", "rf", "--pretrain-steps", "40", "--student-steps", "4", "--samples", "60",

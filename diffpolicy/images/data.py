@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["load_digits", "load_image_folder", "augment", "IMAGE_SUFFIXES"]
+__all__ = ["load_digits", "load_image_folder", "augment", "image_grid", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -95,3 +95,13 @@ def load_image_folder(path, size: int = 32, channels: int = 3) -> tuple[Tensor, 
         images.append(torch.from_numpy(arr).reshape(size, size, channels).permute(2, 0, 1))
         labels.append(index[p.parent.relative_to(root).as_posix() if p.parent != root else ""])
     return torch.stack(images), torch.tensor(labels), classes
+
+
+def image_grid(x: Tensor, cols: int = 10) -> Tensor:
+    """One-channel images ``[N, 1, s, s]`` tiled row-major into ``[rows * s, cols * s]``, empty
+    cells at -1 (black)."""
+    n, _, s, w = x.shape
+    rows = -(-n // cols)
+    padded = torch.full((rows * cols, s, w), -1.0, dtype=x.dtype)
+    padded[:n] = x[:, 0].detach().cpu()
+    return padded.reshape(rows, cols, s, w).permute(0, 2, 1, 3).reshape(rows * s, cols * w)
