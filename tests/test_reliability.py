@@ -19,7 +19,8 @@ CFG = dict(family="ddpm_v", steps=120, batch_size=16, base_channels=8, log_every
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 def test_sigkill_mid_run_then_resume_matches_a_straight_run(tmp_path):
     run = tmp_path / "run"
-    script = ("import torch; torch.set_num_threads(1)\n"
+    # the same thread count as this process: float sums must associate the same way for bit equality
+    script = (f"import torch; torch.set_num_threads({torch.get_num_threads()})\n"
               "from diffpolicy.images import ImagePretrainConfig, pretrain_images\n"
               f"pretrain_images(ImagePretrainConfig(**{CFG!r}), run_dir={str(run)!r}, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", script])
