@@ -43,6 +43,7 @@ import pathlib
 import torch
 from torch import Tensor
 
+from diffpolicy.checkpoint import load_checkpoint, load_state_checked, resolve_checkpoint
 from diffpolicy import schedules as S
 from diffpolicy.chain_losses import normalized_q_term
 from diffpolicy.denoiser import ClipX0, ConsistencyPrecond, Denoiser, DenoiserBase
@@ -176,14 +177,15 @@ def normalized_q_loss(critic: TwinQ, obs: Tensor, action: Tensor) -> Tensor:
 
 def load_diffusion_bc_teacher(path: str | os.PathLike, obs_dim: int, act_dim: int,
                               cfg: DiffusionBCConfig) -> DiffusionBC:
-    """A :class:`DiffusionBC` restored from a ``train_offline`` ``checkpoint.pt`` (``weights_only``).
+    """A :class:`DiffusionBC` restored from a ``train_offline`` run (its directory or checkpoint file).
 
     Its architecture comes from the run's ``config.json`` next to the checkpoint when that file
     names a ``diffusion_bc`` agent, else from the fields of ``cfg`` shared with ``DiffusionBCConfig``.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher_path {str(path)!r} is not a file (expected a diffusion_bc checkpoint.pt)")
+    try:
+        path = resolve_checkpoint(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"teacher_path: {e} (expected a diffusion_bc run of train_offline)") from None
     names = {f.name for f in dataclasses.fields(DiffusionBCConfig)}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
     run_cfg = path.with_name("config.json")
@@ -192,8 +194,8 @@ def load_diffusion_bc_teacher(path: str | os.PathLike, obs_dim: int, act_dim: in
         if meta.get("agent") == DiffusionBC.name:
             settings.update({k: v for k, v in meta.get("agent_config", {}).items() if k in names})
     teacher = DiffusionBC(obs_dim, act_dim, DiffusionBCConfig(**settings))
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    teacher.load_state_dict(saved["agent"] if "agent" in saved else saved)
+    saved = load_checkpoint(path)
+    load_state_checked(teacher, saved["agent"] if "agent" in saved else saved, "diffusion_bc teacher", path)
     return teacher
 
 

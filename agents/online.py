@@ -14,7 +14,7 @@ dataset the policy was pre-trained on, scores use its reference returns.
 
 With ``run_dir``: ``config.json``, ``train.csv`` (per iteration: the agent's metrics such as
 clip fraction, approx-KL and explained variance, plus environment steps and seconds),
-``eval.csv``, TensorBoard events under ``tb/`` and ``checkpoint.pt`` (every
+``eval.csv``, TensorBoard events under ``tb/`` and ``checkpoint.safetensors`` (every
 ``checkpoint_every`` iterations and at the end). A run directory with a checkpoint resumes:
 the agent, its optimisers, the reward scaler, counters and RNGs are restored; the
 environments start fresh episodes.
@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from diffpolicy.chain import rollout
 from diffpolicy.chain_losses import RewardWeightedLoss
 from diffpolicy.denoiser import DenoiserBase
-from diffpolicy.runlog import RunLogger, atomic_save, open_run, rng_state, set_rng_state, set_seed
+from diffpolicy.checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
+from diffpolicy.runlog import RunLogger, open_run, rng_state, set_rng_state, set_seed
 from diffpolicy.samplers import prior
 
 from .base import mlp
@@ -270,7 +271,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     cfg = cfg or OnlineConfig()
     a = agent.config
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
-    ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
+    ckpt_path = run_path / CHECKPOINT if run_path is not None else None
     frames = a.num_envs * a.steps_per_iter  # decisions per iteration (env steps / action_chunk)
     iterations = -(-cfg.env_steps // (frames * getattr(agent, "action_chunk", 1)))
     set_seed(cfg.seed)
@@ -280,7 +281,11 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
     saved = open_run(run_path, run_config, {"env_steps": cfg.env_steps})
     if saved is not None:
-        agent.load_training_state(saved["agent"])
+        try:
+            agent.load_training_state(saved["agent"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint in {run_path} does not fit this {agent.name} agent: {e}. It was "
+                                  "written with other settings (or code); use them or a new run directory") from None
         state = saved["state"]
         set_rng_state(saved["rng"])
 
@@ -306,7 +311,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
 
     def checkpoint():
         if ckpt_path is not None:
-            atomic_save({"agent": agent.training_state(), "state": state, "rng": rng_state()}, ckpt_path)
+            save_checkpoint({"agent": agent.training_state(), "state": state, "rng": rng_state()}, ckpt_path)
 
     bar = tqdm(total=iterations, initial=state["iteration"], desc=agent.name, unit="iter", disable=not progress)
     try:

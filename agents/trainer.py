@@ -19,8 +19,8 @@ import time
 import torch
 from torch import Tensor
 
+from diffpolicy.checkpoint import CHECKPOINT, load_state_checked, save_checkpoint
 from diffpolicy.runlog import RunLogger as _Logger
-from diffpolicy.runlog import atomic_save as _atomic_save
 from diffpolicy.runlog import open_run
 from diffpolicy.runlog import rng_state as _rng_state
 from diffpolicy.runlog import set_rng_state as _set_rng_state
@@ -66,7 +66,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
 
     Returns ``{"history": [eval records], "train_seconds": s, "steps": n, "final": last record}``.
     With ``run_dir`` the run writes ``config.json``, ``train.csv``, ``eval.csv``, TensorBoard
-    events and ``checkpoint.pt`` there, and a second call with the same ``run_dir`` resumes.
+    events and ``checkpoint.safetensors`` there, and a second call with the same ``run_dir`` resumes.
     """
     from tqdm.auto import tqdm
 
@@ -79,7 +79,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     elif env_id is not None:
         data.check_env(env_id)
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
-    ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
+    ckpt_path = run_path / CHECKPOINT if run_path is not None else None
     _set_seed(cfg.seed)
     reward_scale = data.return_range_scale() if agent.reward_normalization == "return_range" else 1.0
     rb = data.replay_buffer(cfg.batch_size, sequences=agent.sequence_spec, reward_scale=reward_scale)
@@ -94,14 +94,14 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
 
     saved = open_run(run_path, run_config, {"steps": cfg.steps}, fill_old=fill_old)
     if saved is not None:
-        agent.load_state_dict(saved["agent"])
+        load_state_checked(agent, saved["agent"], f"{agent.name} agent", run_path)
         state = saved["state"]
         _set_rng_state(saved["rng"])
     logger = _Logger(run_path, resume_step=state["step"])
 
     def checkpoint():
         if ckpt_path is not None:
-            _atomic_save({"agent": agent.state_dict(), "state": state, "rng": _rng_state()}, ckpt_path)
+            save_checkpoint({"agent": agent.state_dict(), "state": state, "rng": _rng_state()}, ckpt_path)
 
     def run_eval(step):
         with torch.random.fork_rng():  # evaluation must not shift the training RNG stream

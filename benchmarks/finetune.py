@@ -4,7 +4,7 @@ policies, stable-baselines3 PPO and SAC from scratch, on one environment-step bu
 The pre-trained policies are a diffusion BC (for the diffusion methods) and a Gaussian BC (for
 Gaussian PPO), trained by :func:`~diffpolicy.agents.trainer.train_offline` on the local
 ``--quality`` dataset of ``--env`` (made or reused as in ``benchmarks/offline.py``), or given
-with ``--pretrained`` / ``--gaussian-pretrained`` (``checkpoint.pt`` of such runs). Every
+with ``--pretrained`` / ``--gaussian-pretrained`` (run directories or checkpoint files of such runs). Every
 (method, seed) run has its own directory ``<runs>/<env>/<method>/seed<k>/`` (checkpoints,
 CSV/TensorBoard logs; not committed) and writes ``benchmarks/results/finetune_runs/<env>/<method>/seed<k>.json``
 (committed) when it finishes; the table is assembled from whatever results exist, so a sweep
@@ -67,8 +67,10 @@ def load_pretrained(name: str, path: str, data, settings: dict):
     from diffpolicy.agents import make_agent
 
     agent = make_agent(name, data.obs_dim, data.act_dim, **settings)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    agent.load_state_dict(saved["agent"] if "agent" in saved else saved)
+    from diffpolicy.checkpoint import load_checkpoint, load_state_checked
+
+    saved = load_checkpoint(path)
+    load_state_checked(agent, saved["agent"] if "agent" in saved else saved, name, path)
     return agent
 
 
@@ -305,8 +307,8 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--pretrain-steps", type=int, default=100_000, help="gradient steps of the BC policies")
-    p.add_argument("--pretrained", default=None, help="checkpoint.pt of a diffusion_bc run to start from")
-    p.add_argument("--gaussian-pretrained", default=None, help="checkpoint.pt of a gaussian_bc run")
+    p.add_argument("--pretrained", default=None, help="a diffusion_bc run directory (or its checkpoint) to start from")
+    p.add_argument("--gaussian-pretrained", default=None, help="a gaussian_bc run directory (or its checkpoint)")
     p.add_argument("--transitions", type=int, default=200_000)
     p.add_argument("--behaviour-steps", type=int, default=150_000)
     p.add_argument("--runs", default=None, help="run directories (default benchmarks/runs/finetune/<env>)")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pathlib
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["set_seed", "rng_state", "set_rng_state", "atomic_save", "open_run", "RunLogger"]
+from .checkpoint import find_checkpoint, load_checkpoint
+
+__all__ = ["set_seed", "rng_state", "set_rng_state", "open_run", "RunLogger"]
 
 
 def set_seed(seed: int) -> None:
@@ -21,23 +22,24 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """RNG states as tensors and plain Python values, so checkpoints load with ``weights_only=True``."""
+    """RNG states (torch CPU and, once initialised, every CUDA device; numpy; Python) as tensors and
+    plain values, so they fit a safetensors checkpoint."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                     cached], "python": random.getstate()}
+    out = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    cached], "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
-def atomic_save(obj, path: pathlib.Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
 def open_run(run_dir, config: dict, budget: dict, *, fill_old=None) -> dict | None:
@@ -47,14 +49,15 @@ def open_run(run_dir, config: dict, budget: dict, *, fill_old=None) -> dict | No
     for the ``budget`` keys (e.g. ``{"steps": n}``: a longer run continues the same one);
     ``fill_old(old)`` may first complete an older file (settings added since, at their defaults).
     Any difference raises a ValueError naming the differing keys, before anything is written.
-    The checkpoint loads with ``weights_only=True`` (it never runs code from the file).
+    The checkpoint loads through :func:`~diffpolicy.checkpoint.load_checkpoint` (safetensors +
+    JSON: it never runs code from the file; a corrupt one is a ``CheckpointError``).
     """
     if run_dir is None:
         return None
     path = pathlib.Path(run_dir)
-    ckpt = path / "checkpoint.pt"
+    ckpt = find_checkpoint(path) if path.is_dir() else None
     saved = None
-    if ckpt.exists():
+    if ckpt is not None:
         if (path / "config.json").exists():
             old = json.loads((path / "config.json").read_text())
             old = fill_old(old) if fill_old is not None else old
@@ -63,7 +66,7 @@ def open_run(run_dir, config: dict, budget: dict, *, fill_old=None) -> dict | No
                 diff = sorted(k for k in set(config) | set(old) if old.get(k) != config.get(k))
                 raise ValueError(f"{path} holds a run with a different configuration ({', '.join(diff)} differ); "
                                  "resume it with the same settings or use a new run_dir")
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(ckpt)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({**config, **budget}, indent=1))
     return saved

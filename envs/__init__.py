@@ -7,12 +7,12 @@
 * :mod:`~diffpolicy.envs.behaviour`: the cached stable-baselines3 behaviour runs.
 """
 from .datasets import (
-    QUALITIES, DatasetNotFoundError, NonFiniteDataError, OfflineData, dataset_id, load_dataset, local_datasets,
+    QUALITIES, DatasetCorruptError, DatasetNotFoundError, NonFiniteDataError, OfflineData, dataset_id, load_dataset, local_datasets,
     make_dataset, normalized_score,
 )
 from .factory import ENV_IDS, EvalResult, evaluate, make_env
 
 __all__ = [
-    "QUALITIES", "DatasetNotFoundError", "NonFiniteDataError", "OfflineData", "dataset_id", "load_dataset",
+    "QUALITIES", "DatasetCorruptError", "DatasetNotFoundError", "NonFiniteDataError", "OfflineData", "dataset_id", "load_dataset",
     "local_datasets", "make_dataset", "normalized_score", "ENV_IDS", "EvalResult", "evaluate", "make_env",
 ]

@@ -30,7 +30,7 @@ from torch import Tensor
 from .behaviour import BehaviourRun, evaluate_sb3, train_behaviour_policy
 
 __all__ = [
-    "QUALITIES", "DatasetNotFoundError", "NonFiniteDataError", "OfflineData", "dataset_id", "load_dataset",
+    "QUALITIES", "DatasetCorruptError", "DatasetNotFoundError", "NonFiniteDataError", "OfflineData", "dataset_id", "load_dataset",
     "make_dataset", "normalized_score", "check_spaces", "local_datasets",
 ]
 
@@ -47,6 +47,18 @@ class DatasetNotFoundError(KeyError):
 
 class NonFiniteDataError(ValueError):
     """The dataset holds NaN or inf values."""
+
+
+class DatasetCorruptError(ValueError):
+    """A local dataset whose files cannot be read (truncated, half-copied, edited)."""
+
+
+def _corrupt(dataset_id: str, error: Exception) -> DatasetCorruptError:
+    first = str(error).splitlines()[0] if str(error) else ""
+    return DatasetCorruptError(
+        f"the local Minari dataset {dataset_id!r} ({_minari_root() / dataset_id}) cannot be read: "
+        f"{type(error).__name__}: {first}. Nothing was changed. Remake it (for a dataset made here: "
+        f"`diffpolicy dataset make ENV QUALITY --overwrite`) or delete that directory.")
 
 
 def dataset_id(env_id: str, quality: str, version: int = 0) -> str:
@@ -83,7 +95,12 @@ def load_dataset(dataset_id: str, *, download: bool = True):
 
     local = local_datasets()
     if dataset_id in local:
-        return minari.load_dataset(dataset_id)
+        try:
+            return minari.load_dataset(dataset_id)
+        except Exception as e:  # h5py OSError (truncated file), ValueError (no data file), ...
+            raise _corrupt(dataset_id, e) from None
+    if (_minari_root() / dataset_id).is_dir():  # present, but Minari cannot list it
+        raise _corrupt(dataset_id, ValueError("its data/metadata.json is missing or not valid JSON"))
     reason = "download=False"
     if download:
         try:
@@ -329,7 +346,11 @@ class OfflineData:
         if isinstance(dataset, str):
             dataset = load_dataset(dataset)
         obs, act, rew, nxt, term, trunc, eid = [], [], [], [], [], [], []
-        for k, ep in enumerate(dataset.iterate_episodes()):
+        try:
+            episodes = list(dataset.iterate_episodes())
+        except Exception as e:  # a file damaged after it was opened
+            raise _corrupt(dataset.spec.dataset_id, e) from None
+        for k, ep in enumerate(episodes):
             o = np.asarray(ep.observations, dtype=np.float32)
             if o.ndim != 2:
                 raise ValueError(f"{dataset.spec.dataset_id}: only flat Box observations are supported, got shape {o.shape[1:]}")

@@ -9,6 +9,7 @@ from diffpolicy.distill import fake_score_loss, one_step, score_distillation_los
 from diffpolicy.distill.train import train_student
 from diffpolicy.nets import MLPDenoiser
 from diffpolicy.toys import GaussianMixtureDenoiser
+from diffpolicy.checkpoint import load_checkpoint
 
 MEANS, COVS = torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), torch.stack([torch.eye(2) * 0.1] * 2)
 
@@ -51,4 +52,4 @@ def test_a_non_finite_loss_names_its_step(tmp_path):
     loss = lambda step, g: net.weight.sum() * (float("nan") if step == 6 else 1.0)  # noqa: E731
     with pytest.raises(FloatingPointError, match="loss is nan at step 7"):
         train_student(net, loss, steps=20, run_dir=tmp_path, log_every=5, checkpoint_every=5, progress=False)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["step"] == 5
+    assert load_checkpoint(tmp_path)["state"]["step"] == 5

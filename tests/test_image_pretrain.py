@@ -48,7 +48,7 @@ def test_a_non_finite_loss_stops_with_its_step_before_saving(tmp_path):
     with pytest.raises(FloatingPointError, match=r"loss is nan at step \d+"):
         pretrain_images(_cfg("ddpm_eps", steps=20, checkpoint_every=20), data=(x, torch.zeros(8, dtype=torch.long)),
                         run_dir=tmp_path, progress=False)
-    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "checkpoint.safetensors").exists()
 
 
 def test_image_grid_tiles_row_major_and_pads_with_black():

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffpolicy.images import ImagePretrainConfig, pretrain_images
+from diffpolicy.checkpoint import load_checkpoint
 
 
 def _cfg(**kw):
@@ -42,7 +43,7 @@ def test_two_gloo_processes_keep_identical_replicas(tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())
     # rank 0 alone wrote the run: one log row per 10 steps, and its checkpoint holds the replicas' weights
     assert (tmp_path / "run" / "train.csv").read_text().count("\n") == 4
-    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    saved = load_checkpoint(tmp_path / "run")["model"]
     for k in a:
         torch.testing.assert_close(saved[k], a[k], rtol=0, atol=0)
 
@@ -64,4 +65,4 @@ def test_the_cli_under_torchrun_trains_one_run_with_two_processes(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("ddpm_v: 20 steps") == 1  # rank 0 reports, once
     assert (run / "train.csv").read_text().count("\n") == 3
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["state"]["step"] == 20
+    assert load_checkpoint(run)["state"]["step"] == 20

@@ -1,7 +1,11 @@
-"""Reliability: a run killed with SIGKILL resumes to the same weights as an uninterrupted one,
-and a checkpoint crafted to run code on load runs nothing."""
+"""The reliability catalogue: a run killed with SIGKILL resumes to the same weights as an
+uninterrupted one; a checkpoint crafted to run code on load runs nothing; a truncated
+checkpoint, a checkpoint of other shapes, a damaged dataset (also fuzzed) and a dataset of
+other spaces each stop with a clear error before anything saved is touched."""
+import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +13,10 @@ import time
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from diffpolicy.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from diffpolicy.images import ImagePretrainConfig, pretrain_images
 from diffpolicy.runlog import open_run
 
@@ -24,12 +31,12 @@ def test_sigkill_mid_run_then_resume_matches_a_straight_run(tmp_path):
               "from diffpolicy.images import ImagePretrainConfig, pretrain_images\n"
               f"pretrain_images(ImagePretrainConfig(**{CFG!r}), run_dir={str(run)!r}, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", script])
-    ckpt, deadline = run / "checkpoint.pt", time.time() + 120
+    ckpt, deadline = run / CHECKPOINT, time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
             if ckpt.exists():
                 try:
-                    if torch.load(ckpt, weights_only=True)["state"]["step"] >= 30:
+                    if load_checkpoint(ckpt)["state"]["step"] >= 30:
                         break
                 except Exception:  # being replaced right now: read it again
                     pass
@@ -38,7 +45,7 @@ def test_sigkill_mid_run_then_resume_matches_a_straight_run(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    killed_at = torch.load(ckpt, weights_only=True)["state"]["step"]  # the file on disk is whole
+    killed_at = load_checkpoint(ckpt)["state"]["step"]  # the file on disk is whole
     assert 30 <= killed_at < CFG["steps"]
     resumed = pretrain_images(ImagePretrainConfig(**CFG), run_dir=run, progress=False)
     straight = pretrain_images(ImagePretrainConfig(**CFG), progress=False)
@@ -56,13 +63,121 @@ class _Payload:
 
 
 def test_a_checkpoint_crafted_to_run_code_runs_nothing(tmp_path):
+    """Checkpoints are safetensors + JSON; an older-style ``checkpoint.pt`` is read weights-only."""
     _Payload.marker = tmp_path / "pwned"
     run = tmp_path / "run"
     run.mkdir()
     with open(run / "checkpoint.pt", "wb") as f:
         pickle.dump({"model": _Payload()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint"):
         open_run(run, {"a": 1}, {"steps": 10})  # every training loop resumes through open_run
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError):
         pretrain_images(ImagePretrainConfig(**CFG), run_dir=run, progress=False)
     assert not _Payload.marker.exists()
+
+
+def test_a_truncated_checkpoint_stops_the_resume_and_keeps_the_run(tmp_path):
+    run = tmp_path / "run"
+    pretrain_images(ImagePretrainConfig(**{**CFG, "steps": 10}), run_dir=run, progress=False)
+    ckpt = run / CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        pretrain_images(ImagePretrainConfig(**{**CFG, "steps": 20}), run_dir=run, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing rewritten
+
+
+def test_a_checkpoint_of_other_shapes_stops_before_training(tmp_path, pendulum_data):
+    """config.json edited (or code changed) so the model no longer fits the checkpoint."""
+    from diffpolicy.agents.diffusion_bc import DiffusionBC
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+
+    run = tmp_path / "run"
+    train_offline(DiffusionBC(3, 1, hidden=32), pendulum_data, TrainConfig(steps=3, batch_size=8), run_dir=run,
+                  progress=False, evaluate=False)
+    conf = json.loads((run / "config.json").read_text())
+    conf["agent_config"]["hidden"] = 48
+    (run / "config.json").write_text(json.dumps(conf))
+    saved = (run / CHECKPOINT).read_bytes()
+    with pytest.raises(CheckpointError, match="(?s)does not fit this diffusion_bc agent.*size mismatch"):
+        train_offline(DiffusionBC(3, 1, hidden=48), pendulum_data, TrainConfig(steps=6, batch_size=8), run_dir=run,
+                      progress=False, evaluate=False)
+    assert (run / CHECKPOINT).read_bytes() == saved
+
+
+# ---------------------------------------------------------------------------- datasets
+@pytest.fixture
+def dataset_copy(pendulum_data, offline_home):
+    """``copy(name)``: a copy of the session's Pendulum dataset under a new id; returns (id, dir)."""
+    from diffpolicy.envs.datasets import _minari_root
+
+    made = []
+
+    def copy(name):
+        src = _minari_root() / pendulum_data.dataset_id
+        did = f"diffpolicy/pendulum/{name}-v0"
+        dst = _minari_root() / did
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+        md = json.loads((dst / "data" / "metadata.json").read_text())
+        (dst / "data" / "metadata.json").write_text(json.dumps({**md, "dataset_id": did}))
+        made.append(dst)
+        return did, dst
+
+    yield copy
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _open(did):
+    from diffpolicy.envs.datasets import OfflineData, load_dataset
+
+    return OfflineData.from_minari(load_dataset(did, download=False))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no data file", "bad metadata"])
+def test_a_damaged_dataset_is_a_clear_error_that_changes_nothing(dataset_copy, damage):
+    from diffpolicy.envs.datasets import DatasetCorruptError
+
+    did, path = dataset_copy(damage.replace(" ", "-"))
+    h5, meta = path / "data" / "main_data.hdf5", path / "data" / "metadata.json"
+    if damage == "truncated":
+        h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
+    elif damage == "no data file":
+        h5.unlink()
+    else:
+        meta.write_text("{not json")
+    files = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    with pytest.raises(DatasetCorruptError, match="(?s)cannot be read.*--overwrite"):
+        _open(did)
+    assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == files
+    assert len(_open("diffpolicy/pendulum/medium-v0")) == 2000  # the others still load
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.floats(0, 1, exclude_max=True), flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
+                                                                       st.integers(1, 255)), max_size=6))
+def test_fuzzed_dataset_files_load_or_give_our_errors(dataset_copy, cut, flips):
+    """Random byte flips and truncations of the HDF5 file: the dataset either loads (a flip inside
+    the data changes values; HDF5 has no checksum here) or fails with one of our documented errors."""
+    from diffpolicy.envs.datasets import DatasetCorruptError, NonFiniteDataError
+
+    did, path = dataset_copy("fuzzed")
+    h5 = path / "data" / "main_data.hdf5"
+    raw = bytearray(h5.read_bytes())
+    for where, xor in flips:
+        raw[int(where * len(raw))] ^= xor
+    h5.write_bytes(bytes(raw[: max(1, int(len(raw) * (1 - cut)))] if cut > 0.7 else raw))
+    try:
+        _open(did)
+    except (DatasetCorruptError, NonFiniteDataError, ValueError) as e:
+        assert type(e) is not ValueError or "only flat Box" in str(e) or "holds no episodes" in str(e), e
+
+
+def test_a_dataset_of_other_spaces_stops_before_training(pendulum_data, tmp_path):
+    from diffpolicy.agents.diffusion_bc import DiffusionBC
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+
+    with pytest.raises(ValueError, match=r"(?s)\(3,\).*Hopper-v5"):
+        train_offline(DiffusionBC(3, 1), pendulum_data, TrainConfig(steps=3), env_id="Hopper-v5", run_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written

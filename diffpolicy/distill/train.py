@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffpolicy.ema import EMA
-from diffpolicy.runlog import RunLogger, atomic_save, open_run, rng_state, set_rng_state
+from diffpolicy.checkpoint import CHECKPOINT, load_state_checked, save_checkpoint
+from diffpolicy.runlog import RunLogger, open_run, rng_state, set_rng_state
 
 __all__ = ["train_student"]
 
@@ -34,7 +35,7 @@ def train_student(student: nn.Module, loss_fn: Callable[[int, torch.Generator], 
     "seconds"}`` (``ema`` is the EMA copy in eval mode, the one to sample).
 
     With ``run_dir`` the run keeps ``config.json`` (``config`` must match on resume), logs and
-    ``checkpoint.pt``; calling again with a larger ``steps`` continues it. A non-finite loss stops
+    ``checkpoint.safetensors``; calling again with a larger ``steps`` continues it. A non-finite loss stops
     the run with its step, keeping the last checkpoint.
     """
     aux = aux or {}
@@ -43,11 +44,11 @@ def train_student(student: nn.Module, loss_fn: Callable[[int, torch.Generator], 
     gen = torch.Generator().manual_seed(seed)
     state = {"step": 0, "history": [], "seconds": 0.0}
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
-    ckpt = run_path / "checkpoint.pt" if run_path is not None else None
+    ckpt = run_path / CHECKPOINT if run_path is not None else None
     conf = json.loads(json.dumps({**(config or {}), "lr": lr, "ema_decay": ema_decay, "seed": seed}, default=list))
     saved = open_run(run_path, conf, {"steps": steps})  # JSON round trip: tuples compare as the lists saved
     if saved is not None:
-        student.load_state_dict(saved["student"])
+        load_state_checked(student, saved["student"], "student", run_path)
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
         for name, obj in aux.items():
@@ -89,7 +90,7 @@ def train_student(student: nn.Module, loss_fn: Callable[[int, torch.Generator], 
                 now = time.perf_counter()
                 state["seconds"] += now - start
                 start = now
-                atomic_save({"student": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                save_checkpoint({"student": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "aux": {k: v.state_dict() for k, v in aux.items()}, "state": state,
                              "gen": gen.get_state(), "rng": rng_state()}, ckpt)
     finally:

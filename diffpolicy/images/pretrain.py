@@ -41,7 +41,8 @@ from diffpolicy.denoiser import CFGDenoiser, ConsistencyPrecond, Denoiser, TrigF
 from diffpolicy.ema import EMA
 from diffpolicy.losses import consistency_training_loss, diffusion_loss
 from diffpolicy.nets import Unet2D
-from diffpolicy.runlog import RunLogger, atomic_save, open_run, rng_state, set_rng_state, set_seed
+from diffpolicy.checkpoint import CHECKPOINT, find_checkpoint, load_checkpoint, load_state_checked, save_checkpoint
+from diffpolicy.runlog import RunLogger, open_run, rng_state, set_rng_state, set_seed
 from diffpolicy.samplers import consistency_timesteps, prior, run_sampler, sample
 
 from .data import augment, load_digits
@@ -100,7 +101,7 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     """Train ``cfg.family`` on the digits (or ``data = (images, labels)``); returns ``model``, ``ema``,
     ``history``, ``steps`` and ``seconds`` (training wall time, over all sessions of a resumed run).
 
-    With ``run_dir``: ``config.json``, ``train.csv``, ``tb/`` and ``checkpoint.pt``; a second call
+    With ``run_dir``: ``config.json``, ``train.csv``, ``tb/`` and ``checkpoint.safetensors``; a second call
     with the same settings and a larger ``steps`` continues the run.
     """
     cfg = cfg or ImagePretrainConfig()
@@ -117,7 +118,7 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     opt = torch.optim.Adam(den.parameters(), lr=cfg.lr)
     state = {"step": 0, "history": []}
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
-    ckpt = run_path / "checkpoint.pt" if run_path is not None else None
+    ckpt = run_path / CHECKPOINT if run_path is not None else None
     conf = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                   if k not in ("steps", "device", "bf16")}, default=list))
     saved, error = None, None
@@ -131,12 +132,12 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
         torch.distributed.broadcast_object_list(verdict, src=0)
         if verdict[0] is not None:
             raise ValueError(verdict[0])
-        if rank and ckpt is not None and ckpt.exists():
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if rank and run_path is not None and find_checkpoint(run_path) is not None:
+            saved = load_checkpoint(run_path)
     if error is not None:
         raise error
     if saved is not None:
-        den.load_state_dict(saved["model"])
+        load_state_checked(den, saved["model"], "image denoiser", run_path)
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
@@ -196,7 +197,7 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
                 state["seconds"] += now - start
                 start = now
             if save:
-                atomic_save({"model": den.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                save_checkpoint({"model": den.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "state": state, "rng": rng_state(), "data_rng": gen.get_state()}, ckpt)
     finally:
         bar.close()
@@ -211,13 +212,13 @@ def load_pretrained(run_dir) -> tuple[ImagePretrainConfig, Denoiser, int]:
     from diffpolicy.config import load_config
 
     run = pathlib.Path(run_dir)
-    if not (run / "config.json").exists() or not (run / "checkpoint.pt").exists():
-        raise FileNotFoundError(f"{run} holds no pre-training run (config.json and checkpoint.pt); "
+    if not (run / "config.json").exists() or find_checkpoint(run) is None:
+        raise FileNotFoundError(f"{run} holds no pre-training run (config.json and {CHECKPOINT}); "
                                 "train one with pretrain_images(cfg, run_dir=...) or `diffpolicy image pretrain`")
     cfg = load_config(ImagePretrainConfig, **json.loads((run / "config.json").read_text()))
-    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    saved = load_checkpoint(run)
     ema = EMA(make_image_denoiser(cfg), cfg.ema_decay, warmup=True)
-    ema.load_state_dict(saved["ema"])
+    load_state_checked(ema, saved["ema"], "image denoiser's EMA", run)
     return cfg, ema.module.eval(), int(saved["state"]["step"])
 
 

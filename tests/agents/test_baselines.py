@@ -6,6 +6,7 @@ from tensordict import TensorDict
 from diffpolicy.agents import make_agent
 from diffpolicy.agents.iql import make_iql_critic_loss, q_and_v
 from diffpolicy.agents.trainer import TrainConfig, train_offline
+from diffpolicy.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -57,7 +58,7 @@ def test_state_dict_round_trip_through_trainer(pendulum_data, tmp_path):
         agent = make_agent(name, data.obs_dim, data.act_dim)
         train_offline(agent, data, TrainConfig(steps=5, batch_size=64, log_every=5), run_dir=tmp_path / name,
                       progress=False, evaluate=False)
-        saved = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["agent"]
+        saved = load_checkpoint(tmp_path / name)["agent"]
         fresh = make_agent(name, data.obs_dim, data.act_dim)
         assert not torch.equal(fresh.act(obs), agent.act(obs))
         fresh.load_state_dict(saved)

@@ -181,7 +181,7 @@ def test_distillation_without_teacher_raises_clear_error():
 
 
 def test_distillation_teacher_from_checkpoint(tmp_path, pendulum_data):
-    """``teacher_path``: a diffusion_bc checkpoint.pt of ``train_offline``; its config.json gives the
+    """``teacher_path``: a diffusion_bc run of ``train_offline`` (a recorded ``checkpoint.pt`` path still resolves); its config.json gives the
     teacher's architecture (32 wide here, the student 48)."""
     teacher = DiffusionBC(OBS, ACT, hidden=32)
     train_offline(teacher, pendulum_data, TrainConfig(steps=3, batch_size=32), run_dir=tmp_path, progress=False,

@@ -9,6 +9,7 @@ from diffpolicy.agents import agent_class, make_agent
 from diffpolicy.agents.base import OfflineAgent
 from diffpolicy.agents.critics import select_by_q
 from diffpolicy.agents.trainer import NonFiniteLossError, TrainConfig, train_offline
+from diffpolicy.checkpoint import load_checkpoint
 
 SMALL = dict(hidden=64, depth=2, time_dim=8)
 
@@ -142,7 +143,7 @@ def test_training_resumes_on_the_same_curve(pendulum_data, tmp_path):
                         run_dir=tmp_path / "b", progress=False)
     assert out["steps"] == 60 and [h["step"] for h in out["history"]] == [30, 60]
     torch.testing.assert_close(fresh.lin.weight, straight.lin.weight, rtol=0, atol=0)
-    for f in ("train.csv", "eval.csv", "config.json", "checkpoint.pt"):
+    for f in ("train.csv", "eval.csv", "config.json", "checkpoint.safetensors"):
         assert (tmp_path / "b" / f).exists()
     assert (tmp_path / "b" / "tb").is_dir()
     # The logs of the resumed run equal the straight run's: no row written twice.
@@ -171,7 +172,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(pendulum_d
     agent = _Counting(3, 1, nan_at=25)
     with pytest.raises(NonFiniteLossError, match="loss_mse is nan at step 25"):
         train_offline(agent, pendulum_data, cfg, run_dir=tmp_path, progress=False)
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = load_checkpoint(tmp_path)
     assert saved["state"]["step"] == 20 and torch.isfinite(saved["agent"]["lin.weight"]).all()
 
 

@@ -14,6 +14,7 @@ from diffpolicy.agents.online import explained_variance
 from diffpolicy.agents.online import OnlineConfig, train_online
 from diffpolicy.chain import rescore
 from online_toys import NO_DATA, TARGET_ID, WALK_ID, mean_error
+from diffpolicy.checkpoint import load_checkpoint
 
 
 def _agent(seed=0, **overrides):
@@ -101,7 +102,7 @@ def test_dppo_learns_a_one_step_task(tmp_path):
     header = (tmp_path / "train.csv").read_text().splitlines()[0]
     for key in ("clip_fraction", "approx_kl", "explained_variance", "seconds_per_iter"):
         assert key in header
-    assert (tmp_path / "tb").is_dir() and (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "tb").is_dir() and (tmp_path / "checkpoint.safetensors").exists()
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path):
@@ -126,7 +127,7 @@ def test_mismatched_env_fails_before_training(tmp_path):
                                  ref_min_score=None, dataset_id=None)
     with pytest.raises(ValueError, match=r"observations of shape \(3,\).*observations \(1,\)"):
         train_online(agent, TARGET_ID, data, OnlineConfig(env_steps=8), run_dir=tmp_path, progress=False)
-    assert agent.iterations == 0 and not (tmp_path / "checkpoint.pt").exists()
+    assert agent.iterations == 0 and not (tmp_path / "checkpoint.safetensors").exists()
 
 
 def test_an_update_changes_only_the_fine_tuned_steps_model():
@@ -217,5 +218,5 @@ def test_one_env_and_resumed_qsm_and_drwr(tmp_path):
     d = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)
     train_online(d, WALK_ID, NO_DATA, OnlineConfig(env_steps=16, **cfg), run_dir=tmp_path / "drwr", progress=False)
     d2 = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)
-    d2.load_training_state(torch.load(tmp_path / "drwr" / "checkpoint.pt", weights_only=True)["agent"])
+    d2.load_training_state(load_checkpoint(tmp_path / "drwr")["agent"])
     assert d2.pending == [{}, {}] and d2.iterations == 1  # old episodes' steps are not spliced onto new ones
