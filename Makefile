@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffpolicy-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-toy test bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/diffpolicy demo
+
+demo-toy: $(STAMP)
+	$(VENV)/bin/diffpolicy toy-demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -20,10 +20,11 @@ iql                 ``iql``                        IQL through TorchRL's ``IQLLo
 ==================  =============================  ==========================================
 
 ``make_agent(name, obs_dim, act_dim, **settings)`` builds one; ``train_offline`` (in
-:mod:`~diffpolicy.agents.trainer`) trains any of them.
+:mod:`~diffpolicy.agents.trainer`) trains any of them; ``load_agent(run_dir)`` rebuilds the
+trained agent of any run directory (offline or online) from its ``config.json`` and checkpoint.
 
-Online fine-tuning agents start from a trained BC policy (``Cls.from_diffusion_bc(bc)``, or
-``GaussianPPO.from_gaussian_bc(gbc)``) and train with ``train_online`` (in
+Online fine-tuning agents start from a trained BC policy (``make_online_agent(name, bc)``:
+``Cls.from_diffusion_bc(bc)``, or ``GaussianPPO.from_gaussian_bc(gbc)``) and train with ``train_online`` (in
 :mod:`~diffpolicy.agents.online`, TorchRL collectors on vectorised gymnasium envs):
 
 ==================  =============================  ==========================================
@@ -49,7 +50,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-__all__ = ["AGENTS", "agent_class", "make_agent"]
+__all__ = ["AGENTS", "ONLINE_AGENTS", "agent_class", "make_agent", "make_online_agent", "load_agent"]
 
 AGENTS = {
     "diffusion_bc": "diffusion_bc:DiffusionBC",
@@ -65,16 +66,93 @@ AGENTS = {
 }
 
 
+ONLINE_AGENTS = {
+    "dppo": "dppo:DPPO",
+    "drwr": "drwr:DRWR",
+    "dawr": "dawr:DAWR",
+    "qsm": "qsm:QSM",
+    "gaussian_ppo": "gaussian_ppo:GaussianPPO",
+}
+
+
 def agent_class(name: str):
-    """The agent class registered as ``name``."""
-    if name not in AGENTS:
-        close = difflib.get_close_matches(name, AGENTS, n=1)
+    """The agent class registered as ``name`` (offline or online)."""
+    known = {**AGENTS, **ONLINE_AGENTS}
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown agent {name!r}{hint}; valid: {', '.join(AGENTS)}")
-    module, cls = AGENTS[name].split(":")
+        raise ValueError(f"unknown agent {name!r}{hint}; offline: {', '.join(AGENTS)}; "
+                         f"online: {', '.join(ONLINE_AGENTS)}")
+    module, cls = known[name].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
 def make_agent(name: str, obs_dim: int, act_dim: int, **settings):
     """Build agent ``name`` for ``obs_dim``-d observations and ``act_dim``-d actions."""
     return agent_class(name)(obs_dim, act_dim, **settings)
+
+
+def make_online_agent(name: str, pretrained, **settings):
+    """Online agent ``name`` (``dppo``, ``drwr``, ``dawr``, ``qsm``: from a trained ``diffusion_bc``;
+    ``gaussian_ppo``: from a ``gaussian_bc``) starting from ``pretrained``."""
+    if name not in ONLINE_AGENTS:
+        agent_class(name)  # the unknown-name error, with a suggestion
+        raise ValueError(f"{name!r} is an offline agent: train it with `diffpolicy train` / train_offline; "
+                         f"online fine-tuning agents: {', '.join(ONLINE_AGENTS)}")
+    need = "gaussian_bc" if name == "gaussian_ppo" else "diffusion_bc"
+    if getattr(pretrained, "name", None) != need:
+        raise ValueError(f"{name} fine-tunes a trained {need}, got {getattr(pretrained, 'name', type(pretrained))!r}")
+    cls = agent_class(name)
+    if name == "gaussian_ppo":
+        return cls.from_gaussian_bc(pretrained, **settings)
+    return cls.from_diffusion_bc(pretrained, **settings)
+
+
+def load_agent(run_dir):
+    """The trained agent of a run directory of ``train_offline`` or ``train_online`` (its
+    ``config.json`` and checkpoint; loading runs no code from the files), in eval mode.
+
+    An online run must record the run it started from (``"pretrained"`` in its config, as the
+    ``diffpolicy finetune`` command writes); its observation and action sizes come from the env.
+    """
+    import json
+    import pathlib
+
+    from diffpolicy.checkpoint import CheckpointError, load_checkpoint, load_state_checked
+
+    run = pathlib.Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.json): give the directory that "
+                                "`diffpolicy train` / `diffpolicy finetune` wrote")
+    meta = json.loads((run / "config.json").read_text())
+    name, settings = meta.get("agent"), dict(meta.get("agent_config", {}))
+    saved = load_checkpoint(run)
+    if name in ONLINE_AGENTS:
+        if not meta.get("pretrained"):
+            raise ValueError(f"{run} is a {name} run that does not record the run it started from "
+                             "(\"pretrained\" in config.json); rebuild it with make_online_agent and "
+                             "load_training_state")
+        agent = make_online_agent(name, load_agent(meta["pretrained"]), **_json_settings(agent_class(name), settings))
+        try:
+            agent.load_training_state(saved["agent"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint in {run} does not fit this {name} agent: {e}") from None
+    else:
+        import gymnasium as gym
+
+        env = gym.make(meta["env_id"])
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        env.close()
+        agent = make_agent(name, obs_dim, act_dim, **_json_settings(agent_class(name), settings))
+        load_state_checked(agent, saved["agent"], f"{name} agent", run)
+    return agent.eval()
+
+
+def _json_settings(cls, settings: dict) -> dict:
+    """Settings read back from config.json, typed as the agent's config fields (lists -> tuples)."""
+    import dataclasses
+
+    from diffpolicy.config import load_config
+
+    cfg = load_config(cls.config_class, **settings)
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

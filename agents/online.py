@@ -262,8 +262,12 @@ def check_policy_shapes(agent, env_id: str, env) -> None:
 
 
 def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, run_dir=None,
-                 progress: bool = True) -> dict:
-    """Train ``agent`` on ``env_id`` for ``cfg.env_steps`` environment steps; returns the eval history."""
+                 progress: bool = True, pretrained: str | None = None) -> dict:
+    """Train ``agent`` on ``env_id`` for ``cfg.env_steps`` environment steps; returns the eval history.
+
+    ``pretrained``: the run directory the agent started from, recorded in ``config.json`` so that
+    :func:`~diffpolicy.agents.load_agent` can rebuild the fine-tuned agent later.
+    """
     from torchrl.collectors import Collector
 
     from diffpolicy.envs.factory import evaluate, make_env
@@ -277,7 +281,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     set_seed(cfg.seed)
     run_config = json.loads(json.dumps({"agent": agent.name, "agent_config": dataclasses.asdict(a),
                                         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "env_steps"},
-                                        "dataset": getattr(data, "dataset_id", None), "env_id": env_id}, default=str))
+                                        "dataset": getattr(data, "dataset_id", None), "env_id": env_id,
+                                        **({"pretrained": str(pretrained)} if pretrained else {})}, default=str))
     state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
     saved = open_run(run_path, run_config, {"env_steps": cfg.env_steps})
     if saved is not None:

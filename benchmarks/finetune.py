@@ -75,20 +75,14 @@ def load_pretrained(name: str, path: str, data, settings: dict):
 
 
 def make_method(name: str, bc, gbc, args):
-    from diffpolicy.agents.dawr import DAWR
-    from diffpolicy.agents.dppo import DPPO
-    from diffpolicy.agents.drwr import DRWR
-    from diffpolicy.agents.gaussian_ppo import GaussianPPO
-    from diffpolicy.agents.qsm import QSM
+    from diffpolicy.agents import make_online_agent
 
-    common = dict(num_envs=args.num_envs, steps_per_iter=args.steps_per_iter)
     if name == "gaussian_ppo":  # one action per decision: as many decisions as env steps in an iteration
-        return GaussianPPO.from_gaussian_bc(gbc, num_envs=args.num_envs,
-                                            steps_per_iter=args.steps_per_iter * args.action_chunk)
+        return make_online_agent(name, gbc, num_envs=args.num_envs, steps_per_iter=args.steps_per_iter * args.action_chunk)
+    common = dict(num_envs=args.num_envs, steps_per_iter=args.steps_per_iter)
     if name == "dppo":  # PPO on the last ft_steps denoising steps
-        return DPPO.from_diffusion_bc(bc, ft_steps=min(args.ft_steps, bc.config.diffusion_steps), **common)
-    cls = {"drwr": DRWR, "dawr": DAWR, "qsm": QSM}[name]  # whole-model regression losses: every step fine-tuned
-    return cls.from_diffusion_bc(bc, **common)
+        common["ft_steps"] = min(args.ft_steps, bc.config.diffusion_steps)
+    return make_online_agent(name, bc, **common)  # DRWR / DAWR / QSM: whole-model losses, every step fine-tuned
 
 
 def run_sb3(name: str, env_id: str, data, seed: int, args, run_dir: Path) -> dict:

@@ -1,7 +1,13 @@
-"""The ``diffpolicy`` command line: ``demo``, ``dataset make|list|info`` and ``image pretrain|sample``.
+"""The ``diffpolicy`` command line.
+
+``demo`` (the end-to-end story: dataset, offline training, online fine-tuning, comparison),
+``toy-demo`` (samplers on a 2-D toy), ``dataset make|list|info``, ``train``, ``finetune``,
+``eval``, ``compare`` and ``image pretrain|sample``.
 
 Config-driven commands take ``--config FILE.yaml`` and ``key=value`` overrides of their config
-dataclass (:mod:`diffpolicy.config`); an unknown key is an error naming the closest one.
+dataclasses (:mod:`diffpolicy.config`); an unknown key is an error naming the closest one.
+Errors in what the user gave (an unknown dataset, a bad key, a damaged file) print one line
+starting with ``error:`` and exit with status 2.
 """
 from __future__ import annotations
 
@@ -23,8 +29,14 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpolicy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fit eps/v/rectified-flow/consistency models on a 2-D toy and "
-                                       "compare samplers (sliced Wasserstein vs NFE and time)")
+    story = sub.add_parser("demo", help="the end-to-end story (about 10 minutes on 2 CPU cores): make a Pendulum "
+                                        "dataset with an SB3 policy, train Gaussian BC, diffusion BC and "
+                                        "Diffusion-QL, fine-tune the diffusion BC with DPPO, compare")
+    story.add_argument("--out", default="runs/demo", help="directory of the runs, table and plot (default runs/demo)")
+    story.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test, about a minute)")
+    story.add_argument("--no-progress", dest="progress", action="store_false")
+    demo = sub.add_parser("toy-demo", help="fit eps/v/rectified-flow/consistency models on a 2-D toy and "
+                                           "compare samplers (sliced Wasserstein vs NFE and time)")
     _add_dataclass_args(demo, DemoConfig)
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
 
@@ -43,6 +55,47 @@ def build_parser() -> argparse.ArgumentParser:
     info = ds_sub.add_parser("info", help="size, spaces and reference scores of a dataset")
     info.add_argument("dataset_id")
 
+    from diffpolicy.agents import AGENTS, ONLINE_AGENTS
+
+    train = sub.add_parser("train", help="train an offline agent on a Minari dataset (resumes RUN_DIR)",
+                           description="Train an offline agent. Settings: the agent's config fields and "
+                                       "TrainConfig's (steps, batch_size, eval_every, eval_episodes, eval_seed, seed, "
+                                       "log_every), as key=value or in --config; prefix agent. / train. when needed.")
+    train.add_argument("agent", choices=list(AGENTS), metavar="AGENT", help=f"one of: {', '.join(AGENTS)}")
+    train.add_argument("run_dir", help="run directory: config.json, train.csv, eval.csv, tb/, checkpoint "
+                                       "(an existing run continues; a larger steps= extends it)")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.add_argument("--dataset", required=True, help="Minari dataset id (local, e.g. diffpolicy/hopper/medium-v0; "
+                                                        "a remote id downloads when the network allows)")
+    train.add_argument("--env", default=None, help="gymnasium id for evaluation (default: the dataset's env)")
+    train.add_argument("--config", default=None, help="YAML file of settings (flat, or under agent: / train:)")
+    train.add_argument("--no-progress", dest="progress", action="store_false")
+
+    ft = sub.add_parser("finetune", help="fine-tune a trained BC run online (DPPO, DRWR, DAWR, QSM, Gaussian PPO)",
+                        description="Fine-tune online from a trained run: dppo/drwr/dawr/qsm from a diffusion_bc "
+                                    "run, gaussian_ppo from a gaussian_bc run. Settings: the agent's config fields "
+                                    "and OnlineConfig's (env_steps, eval_every, eval_episodes, eval_seed, "
+                                    "checkpoint_every, seed).")
+    ft.add_argument("agent", choices=list(ONLINE_AGENTS), metavar="AGENT", help=f"one of: {', '.join(ONLINE_AGENTS)}")
+    ft.add_argument("run_dir", help="run directory of the fine-tuning (an existing run continues)")
+    ft.add_argument("overrides", nargs="*", metavar="key=value")
+    ft.add_argument("--from", dest="source", required=True, help="run directory of the trained BC policy")
+    ft.add_argument("--env", default=None, help="gymnasium id (default: the pre-training dataset's env)")
+    ft.add_argument("--config", default=None, help="YAML file of settings (flat, or under agent: / train:)")
+    ft.add_argument("--no-progress", dest="progress", action="store_false")
+
+    ev = sub.add_parser("eval", help="evaluate the agent of a run directory (fixed seeds, normalised score)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
+    ev.add_argument("--seed", type=int, default=1_000_000, help="seed of the first episode (default 1000000)")
+    ev.add_argument("--env", default=None, help="gymnasium id (default: the run's env)")
+
+    cmp = sub.add_parser("compare", help="table (Markdown, JSON) and plot (PNG) over run directories; runs "
+                                         "with the same label are seeds of one method")
+    cmp.add_argument("run_dirs", nargs="+")
+    cmp.add_argument("--out", default=None, help="write OUT.md, OUT.json and OUT.png (default: print the table only)")
+    cmp.add_argument("--labels", nargs="+", default=None, help="one label per run (default: the agent's name)")
+
     img = sub.add_parser("image", help="pre-train and sample image diffusion models (digits or your folder)")
     img_sub = img.add_subparsers(dest="image_command", required=True)
     pre = img_sub.add_parser("pretrain", help="train one model family (ImagePretrainConfig: family=ddpm_eps|ddpm_x0|"
@@ -60,6 +113,87 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--out", default=None, help="PNG path (default RUN_DIR/samples.png); the tensor goes beside it as .pt")
     return parser
+
+
+def _error(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _open_data(dataset: str):
+    from diffpolicy.envs.datasets import OfflineData, load_dataset
+
+    return OfflineData.from_minari(load_dataset(dataset))
+
+
+def _train_command(args) -> int:
+    from diffpolicy.agents import agent_class, make_agent
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+    from diffpolicy.config import load_sections
+
+    cls = agent_class(args.agent)
+    conf = load_sections({"agent": cls.config_class, "train": TrainConfig}, args.config, args.overrides)
+    data = _open_data(args.dataset)
+    agent = make_agent(args.agent, data.obs_dim, data.act_dim, config=conf["agent"])
+    out = train_offline(agent, data, conf["train"], env_id=args.env, run_dir=args.run_dir, progress=args.progress)
+    final = out["final"]
+    print(f"{args.agent}: {out['steps']} steps, final score {final['score_mean']:.1f} ± {final['score_std']:.1f} "
+          f"(return {final['return_mean']:.1f}) -> {args.run_dir}" if final else f"{args.agent}: {out['steps']} steps")
+    return 0
+
+
+def _finetune_command(args) -> int:
+    import json
+    from pathlib import Path
+
+    from diffpolicy.agents import agent_class, load_agent, make_online_agent
+    from diffpolicy.agents.online import OnlineConfig, train_online
+    from diffpolicy.config import load_sections
+
+    conf = load_sections({"agent": agent_class(args.agent).config_class, "train": OnlineConfig}, args.config,
+                         args.overrides)
+    source = Path(args.source)
+    bc = load_agent(source)
+    meta = json.loads((source / "config.json").read_text())
+    data = _open_data(meta["dataset"])  # the pre-training's observation normalisation and reference scores
+    agent = make_online_agent(args.agent, bc, config=conf["agent"])
+    out = train_online(agent, args.env or meta["env_id"], data, conf["train"], run_dir=args.run_dir,
+                       progress=args.progress, pretrained=str(source.resolve()))
+    first, last = out["history"][0], out["history"][-1]
+    print(f"{args.agent}: {out['env_steps']} env steps, score {first['score_mean']:.1f} -> {last['score_mean']:.1f} "
+          f"-> {args.run_dir}")
+    return 0
+
+
+def _eval_command(args) -> int:
+    import json
+    from pathlib import Path
+
+    from diffpolicy.agents import load_agent
+    from diffpolicy.envs.factory import evaluate
+
+    run = Path(args.run_dir)
+    agent = load_agent(run)
+    meta = json.loads((run / "config.json").read_text())
+    data = _open_data(meta["dataset"])
+    score_fn = data.normalized_score if data.ref_min_score is not None else None
+    res = evaluate(agent.act, args.env or meta["env_id"], episodes=args.episodes, seed=args.seed,
+                   obs_loc=data.obs_mean, obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset,
+                   action_chunk=getattr(agent, "action_chunk", 1))
+    print(json.dumps({"run": str(run), "agent": meta["agent"], "episodes": args.episodes,
+                      "return_mean": res.return_mean, "return_std": res.return_std,
+                      "score_mean": res.score_mean, "score_std": res.score_std}))
+    return 0
+
+
+def _compare_command(args) -> int:
+    from diffpolicy.compare import compare_runs, markdown
+
+    report = compare_runs(args.run_dirs, args.out, args.labels)
+    print(markdown(report), end="")
+    if args.out:
+        print(f"wrote {args.out}.md, .json and .png")
+    return 0
 
 
 def _dataset_command(args) -> int:
@@ -147,8 +281,31 @@ def _image_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops a positional list at the first option)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    from diffpolicy.checkpoint import CheckpointError
+    from diffpolicy.config import ConfigError
+    from diffpolicy.envs.datasets import DatasetCorruptError, DatasetNotFoundError, NonFiniteDataError
+
+    commands = {"train": _train_command, "finetune": _finetune_command, "eval": _eval_command,
+                "compare": _compare_command}
+    if args.command in commands:
+        try:
+            return commands[args.command](args)
+        except (ConfigError, CheckpointError, DatasetNotFoundError, DatasetCorruptError, NonFiniteDataError,
+                FileNotFoundError, ValueError) as e:  # what the user gave, said in one line
+            return _error(e)
     if args.command == "demo":
+        from diffpolicy.story import run_story
+
+        run_story(args.out, quick=args.quick, progress=args.progress)
+    elif args.command == "toy-demo":
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}
         if args.quick:  # shorter budgets, except where the user chose a value
             quick = dict(train_steps=200, ct_steps=200, n_eval=500, n_held_out=5000, n_paired=2)

@@ -14,7 +14,7 @@ import types
 import typing
 from pathlib import Path
 
-__all__ = ["ConfigError", "load_config", "parse_overrides"]
+__all__ = ["ConfigError", "load_config", "load_sections", "parse_overrides"]
 
 
 class ConfigError(ValueError):
@@ -89,19 +89,7 @@ def _convert(name: str, value, kind):
 def load_config(cls, path=None, overrides=(), **values):
     """The dataclass ``cls`` from the YAML file ``path``, then ``values``, then ``key=value``
     ``overrides`` (later wins)."""
-    raw: dict = {}
-    if path is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(loaded).__name__}")
-        raw.update(loaded)
+    raw: dict = dict(_read_yaml(path)) if path is not None else {}
     raw.update(values)
     raw.update(parse_overrides(overrides))
     kinds = _field_types(cls)
@@ -113,3 +101,61 @@ def load_config(cls, path=None, overrides=(), **values):
             raise ConfigError(f"unknown {cls.__name__} key {key!r}{hint}")
         out[key] = _convert(key, value, kinds[key])
     return cls(**out)
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_sections(sections: dict, path=None, overrides=()) -> dict:
+    """Several dataclasses from one YAML file and one list of ``key=value`` overrides.
+
+    ``sections`` maps a section name to its dataclass, e.g. ``{"agent": DiffusionQLConfig,
+    "train": TrainConfig}``. A key may name its section (``train.steps=5000``, or a YAML
+    mapping under ``train:``); a bare key goes to the first section that has that field. A key
+    no section has is a :class:`ConfigError` naming the closest valid one.
+    Returns ``{section: instance}``.
+    """
+    kinds = {name: _field_types(cls) for name, cls in sections.items()}
+    raw: dict = {name: {} for name in sections}
+
+    def put(key: str, value, origin: str):
+        head, dot, rest = str(key).partition(".")
+        if dot and head in sections:
+            if rest not in kinds[head]:
+                close = difflib.get_close_matches(rest, list(kinds[head]), n=1)
+                hint = f"; did you mean {head}.{close[0]}?" if close else f"; valid: {', '.join(kinds[head])}"
+                raise ConfigError(f"unknown {head} key {rest!r} ({origin}){hint}")
+            raw[head][rest] = value
+            return
+        for name in sections:
+            if key in kinds[name]:
+                raw[name][key] = value
+                return
+        every = [f"{n}.{k}" for n in sections for k in kinds[n]] + [k for n in sections for k in kinds[n]]
+        close = difflib.get_close_matches(str(key), every, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown key {key!r} ({origin}){hint}; sections: "
+                          + "; ".join(f"{n}: {', '.join(kinds[n])}" for n in sections))
+
+    if path is not None:
+        for key, value in _read_yaml(path).items():
+            if key in sections and isinstance(value, dict):
+                for k, v in value.items():
+                    put(f"{key}.{k}", v, str(path))
+            else:
+                put(key, value, str(path))
+    for key, value in parse_overrides(overrides).items():
+        put(key, value, "command line")
+    return {name: load_config(cls, **raw[name]) for name, cls in sections.items()}
+

@@ -1,4 +1,4 @@
-"""The console script and the demo (main job) on a tiny budget."""
+"""The console script: the toy demo, datasets, train / finetune / eval / compare, the end-to-end demo."""
 import json
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from diffpolicy.demo import PLAN
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--train-steps", "40", "--ct-steps", "20", "--n-eval", "200",
+    assert main(["toy-demo", "--train-steps", "40", "--ct-steps", "20", "--n-eval", "200",
                  "--n-held-out", "1000", "--hidden", "32", "--n-paired", "2", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["rows"]) == len(PLAN)
@@ -29,10 +29,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--help"])
+        main(["toy-demo", "--help"])
     assert e.value.code == 0 and "--train-steps" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--train-steps", "many"])
+        main(["toy-demo", "--train-steps", "many"])
     assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err
 
 
@@ -80,3 +80,76 @@ def test_image_pretrain_then_sample_and_clear_errors(tmp_path, capsys):
     assert "holds no pre-training run" in capsys.readouterr().err
     assert main(["image", "sample", str(run), "--sampler", "magic"]) == 2
     assert "unknown sampler 'magic'" in capsys.readouterr().err
+
+
+def test_train_finetune_eval_compare_through_the_cli(pendulum_data, tmp_path, capsys):
+    """The commands a user chains: each run directory is the next command's input."""
+    did, bc, ft = pendulum_data.dataset_id, tmp_path / "bc", tmp_path / "ft"
+    (tmp_path / "bc.yaml").write_text("agent:\n  hidden: 32\ntrain:\n  eval_episodes: 2\n")
+    assert main(["train", "diffusion_bc", str(bc), "--dataset", did, "--config", str(tmp_path / "bc.yaml"),
+                 "steps=40", "eval_every=20", "diffusion_steps=4", "--no-progress"]) == 0
+    assert "diffusion_bc: 40 steps, final score" in capsys.readouterr().out
+    conf = json.loads((bc / "config.json").read_text())
+    assert conf["agent_config"]["hidden"] == 32 and conf["steps"] == 40 and conf["train"]["eval_episodes"] == 2
+    assert main(["finetune", "dppo", str(ft), "--from", str(bc), "env_steps=400", "num_envs=2", "steps_per_iter=100",
+                 "ft_steps=2", "eval_every=1", "eval_episodes=2", "--no-progress"]) == 0
+    assert "dppo: 400 env steps" in capsys.readouterr().out
+    assert json.loads((ft / "config.json").read_text())["pretrained"] == str(bc.resolve())
+    # eval rebuilds each agent from its run directory alone
+    for run in (bc, ft):
+        assert main(["eval", str(run), "--episodes", "2"]) == 0
+        rec = json.loads(capsys.readouterr().out)
+        assert rec["episodes"] == 2 and rec["score_mean"] == rec["score_mean"]  # a number, not NaN
+    assert main(["compare", str(bc), str(ft), "--out", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert "| diffusion_bc |" in table and "| fine-tuned dppo |" in table and "400 env steps" in table
+    assert (tmp_path / "cmp.png").stat().st_size > 5_000
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    evals = (bc / "eval.csv").read_text().splitlines()
+    assert rows[0]["final"] == pytest.approx(float(evals[-1].split(",")[3]))  # score_mean of the last evaluation
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "diffusion_bc", "RUN", "--dataset", "diffpolicy/none/medium-v0"], "diffpolicy dataset make"),
+    (["train", "diffusion_bc", "RUN", "--dataset", "DID", "hiden=3"], "did you mean 'hidden'"),
+    (["train", "diffusion_bc", "RUN", "--dataset", "DID", "train.stpes=3"], "did you mean train.steps"),
+    (["train", "diffusion_bc", "RUN", "--dataset", "DID", "--env", "Hopper-v5", "steps=2"], "Hopper-v5"),
+    (["finetune", "dppo", "RUN", "--from", "NOWHERE"], "not a run directory"),
+    (["eval", "NOWHERE"], "not a run directory"),
+    (["compare", "NOWHERE"], "not an evaluated run directory"),
+])
+def test_cli_errors_are_one_line_and_status_2(pendulum_data, tmp_path, capsys, argv, message):
+    argv = [a.replace("RUN", str(tmp_path / "run")).replace("DID", pendulum_data.dataset_id)
+            .replace("NOWHERE", str(tmp_path / "nowhere")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # a remote-id lookup may log its retries first
+    tail = err[err.index("error: "):]
+    assert message in tail and tail.count("\n") == 1
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_finetune_needs_the_matching_pretrained_agent(pendulum_data, tmp_path, capsys):
+    assert main(["train", "gaussian_bc", str(tmp_path / "g"), "--dataset", pendulum_data.dataset_id, "steps=2",
+                 "eval_every=2", "eval_episodes=1", "--no-progress"]) == 0
+    assert main(["finetune", "dppo", str(tmp_path / "ft"), "--from", str(tmp_path / "g")]) == 2
+    assert "dppo fine-tunes a trained diffusion_bc" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    for argv in (["train"], ["finetune"], ["eval"], ["compare"], ["demo"], ["toy-demo"], ["dataset", "make"],
+                 ["image", "pretrain"], ["image", "sample"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        assert e.value.code == 0 and "usage: diffpolicy" in capsys.readouterr().out
+
+
+def test_the_end_to_end_demo_on_smoke_budgets(pendulum_data, tmp_path, capsys):
+    """`make demo`'s story with QUICK budgets on the session's Pendulum dataset."""
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for step in ("1/4 dataset", "2/4 offline", "3/4 online", "4/4 comparison"):
+        assert step in printed
+    rows = json.loads((tmp_path / "demo" / "compare.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["gaussian_bc", "diffusion_bc", "diffusion_ql", "fine-tuned dppo"]
+    assert (tmp_path / "demo" / "compare.png").exists() and (tmp_path / "demo" / "dppo" / "tb").is_dir()
+

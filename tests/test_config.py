@@ -59,3 +59,25 @@ def test_fuzzed_yaml_gives_a_config_or_a_config_error(tmp_path_factory, text):
         load_config(ImagePretrainConfig, f)
     except ConfigError:
         pass
+
+
+def test_sections_route_keys_and_name_the_closest_one(tmp_path):
+    from diffpolicy.agents.diffusion_ql import DiffusionQLConfig
+    from diffpolicy.agents.trainer import TrainConfig
+    from diffpolicy.config import load_sections
+
+    sections = {"agent": DiffusionQLConfig, "train": TrainConfig}
+    (tmp_path / "c.yaml").write_text("agent:\n  hidden: 64\ntrain:\n  steps: 7\nbatch_size: 32\n")
+    out = load_sections(sections, tmp_path / "c.yaml", ["train.seed=3", "lr=1e-4", "steps=9"])
+    assert out["agent"].hidden == 64 and out["agent"].lr == 1e-4
+    assert (out["train"].steps, out["train"].seed, out["train"].batch_size) == (9, 3, 32)  # the command line wins
+    with pytest.raises(ConfigError, match="did you mean 'hidden'"):
+        load_sections(sections, None, ["hiden=3"])
+    with pytest.raises(ConfigError, match="did you mean train.steps"):
+        load_sections(sections, None, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match="unknown key 'ffoo'"):
+        load_sections(sections, None, ["ffoo=1"])
+    (tmp_path / "bad.yaml").write_text("agent:\n  hidden: [1\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_sections(sections, tmp_path / "bad.yaml")
+

@@ -1,0 +1,114 @@
+"""``diffpolicy compare``: one table and one plot over run directories.
+
+Each run directory (of ``train_offline`` or ``train_online``) holds ``config.json`` and
+``eval.csv``; runs with the same label (default: the agent's name, plus the dataset when the
+runs use several) are seeds of one method: the table gives the final normalised score as mean ±
+std over them, the best evaluation, and the number of runs; the plot shows the mean curve with a
+band of ± one std (offline runs against gradient steps, online runs against environment steps).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+import statistics
+
+from diffpolicy.agents import ONLINE_AGENTS as ONLINE
+
+__all__ = ["read_run", "compare_runs"]
+
+
+def read_run(run_dir) -> dict:
+    """``{"run", "agent", "dataset", "env_id", "seed", "online", "steps", "scores", "returns"}`` of one run."""
+    run = pathlib.Path(run_dir)
+    if not (run / "config.json").is_file() or not (run / "eval.csv").is_file():
+        raise FileNotFoundError(f"{run} is not an evaluated run directory (needs config.json and eval.csv)")
+    meta = json.loads((run / "config.json").read_text())
+    with (run / "eval.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{run}/eval.csv has no evaluations yet")
+    value = (lambda r, k: float(r[k]) if r.get(k) not in (None, "") else math.nan)
+    return {"run": str(run), "agent": meta.get("agent", "?"), "dataset": meta.get("dataset"),
+            "env_id": meta.get("env_id"), "seed": meta.get("train", {}).get("seed"),
+            "online": meta.get("agent") in ONLINE, "steps": [int(float(r["step"])) for r in rows],
+            "scores": [value(r, "score_mean") for r in rows], "returns": [value(r, "return_mean") for r in rows]}
+
+
+def _label(run: dict, several_datasets: bool) -> str:
+    kind = "fine-tuned " if run["online"] else ""
+    return f"{kind}{run['agent']}" + (f" ({run['dataset']})" if several_datasets and run["dataset"] else "")
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def compare_runs(run_dirs, out=None, labels: list[str] | None = None) -> dict:
+    """The comparison of ``run_dirs``; with ``out`` (a path without suffix) also writes
+    ``out.json``, ``out.md`` and ``out.png``. Uses returns where the runs have no reference scores."""
+    runs = [read_run(r) for r in run_dirs]
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    several = len({r["dataset"] for r in runs}) > 1
+    metric = "scores" if all(not math.isnan(r["scores"][-1]) for r in runs) else "returns"
+    groups: dict[str, list[dict]] = {}
+    for i, r in enumerate(runs):
+        groups.setdefault(labels[i] if labels else _label(r, several), []).append(r)
+    rows = []
+    for label, members in groups.items():
+        final, final_std = _mean_std([m[metric][-1] for m in members])
+        best, _ = _mean_std([max(v for v in m[metric] if not math.isnan(v)) for m in members])
+        rows.append({"method": label, "final": final, "final_std": final_std, "best": best, "runs": len(members),
+                     "steps": max(m["steps"][-1] for m in members), "online": members[0]["online"],
+                     "run_dirs": [m["run"] for m in members]})
+    report = {"metric": "normalised score" if metric == "scores" else "return", "rows": rows, "runs": runs}
+    if out is not None:
+        out = pathlib.Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(markdown(report))
+        _plot(groups, metric, out.with_suffix(".png"))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"| method | final {report['metric']} | best | steps | runs |", "|---|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        unit = "env steps" if r["online"] else "grad steps"
+        lines.append(f"| {r['method']} | {r['final']:.1f} ± {r['final_std']:.1f} | {r['best']:.1f} | "
+                     f"{r['steps']} {unit} | {r['runs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(groups: dict, metric: str, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in (False, True) if any(m[0]["online"] == k for m in groups.values())]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
+    for ax, online in zip(axes[0], kinds):
+        for label, members in groups.items():
+            if members[0]["online"] != online:
+                continue
+            n = min(len(m["steps"]) for m in members)
+            x = members[0]["steps"][:n]
+            ys = [[m[metric][i] for m in members] for i in range(n)]
+            mean = [statistics.fmean(v) for v in ys]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
+            ax.plot(x, mean, marker="o", ms=3, label=label)
+            ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2)
+        ax.set_xlabel("environment steps" if online else "gradient steps")
+        ax.set_ylabel("normalised score" if metric == "scores" else "return")
+        ax.set_title("online fine-tuning" if online else "offline training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
