@@ -88,7 +88,9 @@ def agent_class(name: str):
 
 
 def make_agent(name: str, obs_dim: int, act_dim: int, **settings):
-    """Build agent ``name`` for ``obs_dim``-d observations and ``act_dim``-d actions."""
+    """Build offline agent ``name`` for ``obs_dim``-d observations and ``act_dim``-d actions."""
+    if name in ONLINE_AGENTS:
+        raise ValueError(f"{name!r} fine-tunes a trained policy online: build it with make_online_agent({name!r}, bc)")
     return agent_class(name)(obs_dim, act_dim, **settings)
 
 
@@ -126,6 +128,9 @@ def load_agent(run_dir):
                                 "`diffpolicy train` / `diffpolicy finetune` wrote")
     meta = json.loads((run / "config.json").read_text())
     name, settings = meta.get("agent"), dict(meta.get("agent_config", {}))
+    if name not in AGENTS and name not in ONLINE_AGENTS:
+        raise ValueError(f"{run} is not an RL agent's run (agent {name!r} in its config.json); "
+                         f"image runs load with diffpolicy.images.load_pretrained")
     saved = load_checkpoint(run)
     if name in ONLINE_AGENTS:
         if not meta.get("pretrained"):
@@ -140,6 +145,9 @@ def load_agent(run_dir):
     else:
         import gymnasium as gym
 
+        if not meta.get("env_id"):
+            raise ValueError(f"{run}'s config.json names no environment, so its observation and action sizes "
+                             "are unknown; build the agent with make_agent and load_checkpoint")
         env = gym.make(meta["env_id"])
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         env.close()

@@ -284,13 +284,15 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
                                         "dataset": getattr(data, "dataset_id", None), "env_id": env_id,
                                         **({"pretrained": str(pretrained)} if pretrained else {})}, default=str))
     state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
-    saved = open_run(run_path, run_config, {"env_steps": cfg.env_steps})
-    if saved is not None:
+    def load(saved):
         try:
             agent.load_training_state(saved["agent"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"the checkpoint in {run_path} does not fit this {agent.name} agent: {e}. It was "
                                   "written with other settings (or code); use them or a new run directory") from None
+
+    saved = open_run(run_path, run_config, {"env_steps": cfg.env_steps}, load=load)
+    if saved is not None:
         state = saved["state"]
         set_rng_state(saved["rng"])
 

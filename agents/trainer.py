@@ -92,9 +92,9 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         defaults = json.loads(json.dumps(dataclasses.asdict(type(agent.config)()), default=str))
         return {**old, "agent_config": {**defaults, **old.get("agent_config", {})}}
 
-    saved = open_run(run_path, run_config, {"steps": cfg.steps}, fill_old=fill_old)
+    saved = open_run(run_path, run_config, {"steps": cfg.steps}, fill_old=fill_old,
+                     load=lambda s: load_state_checked(agent, s["agent"], f"{agent.name} agent", run_path))
     if saved is not None:
-        load_state_checked(agent, saved["agent"], f"{agent.name} agent", run_path)
         state = saved["state"]
         _set_rng_state(saved["rng"])
     logger = _Logger(run_path, resume_step=state["step"])

@@ -91,10 +91,14 @@ def save_checkpoint(obj, path) -> pathlib.Path:
     tensors: dict = {}
     structure = json.dumps(_encode(obj, tensors))
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "structure": structure})
-    with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave a renamed empty file
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": _FORMAT, "structure": structure})
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave a renamed empty file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # a failed write (full disk, ...): the previous checkpoint stays as it was
+            tmp.unlink()
     legacy = path.with_name(LEGACY_CHECKPOINT)
     if path.name == CHECKPOINT and legacy.exists():
         legacy.unlink()

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, also for torch's multi-line messages
     return 2
 
 
@@ -289,18 +289,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from gymnasium.error import Error as GymError
+
     from diffpolicy.checkpoint import CheckpointError
     from diffpolicy.config import ConfigError
     from diffpolicy.envs.datasets import DatasetCorruptError, DatasetNotFoundError, NonFiniteDataError
 
+    try:  # what the user gave (ids, keys, files) is reported in one line, exit status 2
+        return _run(args)
+    except (ConfigError, CheckpointError, DatasetNotFoundError, DatasetCorruptError, NonFiniteDataError,
+            FileNotFoundError, ValueError, GymError) as e:
+        return _error(e)
+
+
+def _run(args) -> int:
     commands = {"train": _train_command, "finetune": _finetune_command, "eval": _eval_command,
-                "compare": _compare_command}
+                "compare": _compare_command, "dataset": _dataset_command, "image": _image_command}
     if args.command in commands:
-        try:
-            return commands[args.command](args)
-        except (ConfigError, CheckpointError, DatasetNotFoundError, DatasetCorruptError, NonFiniteDataError,
-                FileNotFoundError, ValueError) as e:  # what the user gave, said in one line
-            return _error(e)
+        return commands[args.command](args)
     if args.command == "demo":
         from diffpolicy.story import run_story
 
@@ -312,10 +318,6 @@ def main(argv: list[str] | None = None) -> int:
             defaults = DemoConfig()
             values.update({k: v for k, v in quick.items() if values[k] == getattr(defaults, k)})
         run_demo(DemoConfig(**values))
-    elif args.command == "dataset":
-        return _dataset_command(args)
-    elif args.command == "image":
-        return _image_command(args)
     return 0
 
 

@@ -70,9 +70,10 @@ def compare_runs(run_dirs, out=None, labels: list[str] | None = None) -> dict:
     if out is not None:
         out = pathlib.Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(markdown(report))
-        _plot(groups, metric, out.with_suffix(".png"))
+        named = (lambda ext: out.with_name(out.name + ext))  # "v1.0" stays "v1.0.json"
+        named(".json").write_text(json.dumps(report, indent=1))
+        named(".md").write_text(markdown(report))
+        _plot(groups, metric, named(".png"))
     return report
 
 

@@ -42,12 +42,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
-def open_run(run_dir, config: dict, budget: dict, *, fill_old=None) -> dict | None:
+def open_run(run_dir, config: dict, budget: dict, *, fill_old=None, load=None) -> dict | None:
     """Check and record a run directory; returns its checkpoint (or None for a new run).
 
     ``config`` (JSON-able) must equal the ``config.json`` of an existing checkpointed run, except
     for the ``budget`` keys (e.g. ``{"steps": n}``: a longer run continues the same one);
-    ``fill_old(old)`` may first complete an older file (settings added since, at their defaults).
+    ``fill_old(old)`` may first complete an older file (settings added since, at their defaults);
+    ``load(saved)`` restores the caller's objects before ``config.json`` is rewritten, so a
+    checkpoint that does not fit leaves the run directory exactly as it was.
     Any difference raises a ValueError naming the differing keys, before anything is written.
     The checkpoint loads through :func:`~diffpolicy.checkpoint.load_checkpoint` (safetensors +
     JSON: it never runs code from the file; a corrupt one is a ``CheckpointError``).
@@ -67,6 +69,8 @@ def open_run(run_dir, config: dict, budget: dict, *, fill_old=None) -> dict | No
                 raise ValueError(f"{path} holds a run with a different configuration ({', '.join(diff)} differ); "
                                  "resume it with the same settings or use a new run_dir")
         saved = load_checkpoint(ckpt)
+        if load is not None:
+            load(saved)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({**config, **budget}, indent=1))
     return saved

@@ -32,8 +32,6 @@ def _say(text: str) -> None:
 
 def run_story(out="runs/demo", *, quick: bool = False, progress: bool = True) -> dict:
     """Run the story into ``out``; returns the comparison report (see :func:`~diffpolicy.compare.compare_runs`)."""
-    import torch
-
     from diffpolicy.agents import load_agent, make_agent, make_online_agent
     from diffpolicy.agents.online import OnlineConfig, train_online
     from diffpolicy.agents.trainer import TrainConfig, train_offline
@@ -43,7 +41,6 @@ def run_story(out="runs/demo", *, quick: bool = False, progress: bool = True) ->
     b = QUICK if quick else STORY
     out = pathlib.Path(out)
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 
     _say(f"1/4 dataset: {ENV} {QUALITY}, {b['transitions']} transitions from an SB3 SAC policy trained "
          f"{b['behaviour_steps']} steps here (reused when it exists)")
@@ -51,6 +48,9 @@ def run_story(out="runs/demo", *, quick: bool = False, progress: bool = True) ->
                       behaviour_eval_every=max(500, b["behaviour_steps"] // 8), ref_episodes=5 if quick else 20,
                       progress=progress)
     data = OfflineData.from_minari(ds)
+    if len(data) != b["transitions"]:
+        print(f"note: reusing the existing {data.dataset_id} ({len(data)} transitions, not {b['transitions']}); "
+              f"delete it (or `diffpolicy dataset make {ENV} {QUALITY} --overwrite ...`) to make the demo's own")
     print(f"{data.dataset_id}: {len(data)} transitions; reference returns random {data.ref_min_score:.1f}, "
           f"expert {data.ref_max_score:.1f}; dataset episodes score "
           f"{float(data.normalized_score(data.episode_returns().numpy()).mean()):.1f} on average")

@@ -97,7 +97,7 @@ def load_dataset(dataset_id: str, *, download: bool = True):
     if dataset_id in local:
         try:
             return minari.load_dataset(dataset_id)
-        except Exception as e:  # h5py OSError (truncated file), ValueError (no data file), ...
+        except (OSError, ValueError, KeyError) as e:  # h5py OSError (truncated file), ValueError (no data file)
             raise _corrupt(dataset_id, e) from None
     if (_minari_root() / dataset_id).is_dir():  # present, but Minari cannot list it
         raise _corrupt(dataset_id, ValueError("its data/metadata.json is missing or not valid JSON"))
@@ -348,7 +348,7 @@ class OfflineData:
         obs, act, rew, nxt, term, trunc, eid = [], [], [], [], [], [], []
         try:
             episodes = list(dataset.iterate_episodes())
-        except Exception as e:  # a file damaged after it was opened
+        except (OSError, ValueError, KeyError) as e:  # a file damaged after it was opened
             raise _corrupt(dataset.spec.dataset_id, e) from None
         for k, ep in enumerate(episodes):
             o = np.asarray(ep.observations, dtype=np.float32)

@@ -67,12 +67,22 @@ def test_round_trip_is_exact_for_everything_a_run_saves(tmp_path):
     assert torch.equal(a, torch.rand(3))
 
 
-def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = save_checkpoint({"x": torch.ones(2)}, tmp_path / CHECKPOINT)
     with pytest.raises(TypeError, match="got object"):
         save_checkpoint({"x": torch.zeros(2), "bad": object()}, path)
+    # the write fails after the temporary file exists (a full disk, a kill before the rename)
+    import diffpolicy.checkpoint as C
+
+    def broken_replace(src, dst):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(C.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"x": torch.zeros(2)}, path)
+    monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
-    assert not (tmp_path / (CHECKPOINT + ".tmp")).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]  # no temporary file left behind
 
 
 def test_older_pt_checkpoints_load_and_the_next_save_replaces_them(tmp_path):

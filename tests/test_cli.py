@@ -117,6 +117,8 @@ def test_train_finetune_eval_compare_through_the_cli(pendulum_data, tmp_path, ca
     (["finetune", "dppo", "RUN", "--from", "NOWHERE"], "not a run directory"),
     (["eval", "NOWHERE"], "not a run directory"),
     (["compare", "NOWHERE"], "not an evaluated run directory"),
+    (["train", "diffusion_bc", "RUN", "--dataset", "DID", "--env", "Hoper-v5", "steps=2"], "Hoper"),
+    (["image", "sample", "NOWHERE"], "holds no pre-training run"),
 ])
 def test_cli_errors_are_one_line_and_status_2(pendulum_data, tmp_path, capsys, argv, message):
     argv = [a.replace("RUN", str(tmp_path / "run")).replace("DID", pendulum_data.dataset_id)
