@@ -50,7 +50,8 @@ from __future__ import annotations
 import difflib
 import importlib
 
-__all__ = ["AGENTS", "ONLINE_AGENTS", "agent_class", "make_agent", "make_online_agent", "load_agent"]
+__all__ = ["AGENTS", "ONLINE_AGENTS", "agent_class", "make_agent", "make_online_agent", "load_agent",
+           "describe_agent"]
 
 AGENTS = {
     "diffusion_bc": "diffusion_bc:DiffusionBC",
@@ -110,12 +111,29 @@ def make_online_agent(name: str, pretrained, **settings):
     return cls.from_diffusion_bc(pretrained, **settings)
 
 
+def describe_agent(agent) -> dict:
+    """What rebuilds ``agent``'s architecture without its weights: name, config, sizes (JSON-able)."""
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps({"agent": agent.name, "agent_config": dataclasses.asdict(agent.config),
+                                  "obs_dim": agent.obs_dim, "act_dim": agent.act_dim}, default=str))
+
+
+def _build(desc: dict):
+    """An untrained agent from :func:`describe_agent`'s record."""
+    return make_agent(desc["agent"], desc["obs_dim"], desc["act_dim"],
+                      **_json_settings(agent_class(desc["agent"]), desc.get("agent_config", {})))
+
+
 def load_agent(run_dir):
     """The trained agent of a run directory of ``train_offline`` or ``train_online`` (its
     ``config.json`` and checkpoint; loading runs no code from the files), in eval mode.
 
-    An online run must record the run it started from (``"pretrained"`` in its config, as the
-    ``diffpolicy finetune`` command writes); its observation and action sizes come from the env.
+    Everything comes from the run directory itself: the sizes and, for an online run, the
+    architecture of the policy it started from are recorded in its ``config.json``. (Runs
+    written before those records: an offline run takes its sizes from its env; an online run
+    needs ``"pretrained"``, the run it started from, to still exist.)
     """
     import json
     import pathlib
@@ -133,25 +151,33 @@ def load_agent(run_dir):
                          f"image runs load with diffpolicy.images.load_pretrained")
     saved = load_checkpoint(run)
     if name in ONLINE_AGENTS:
-        if not meta.get("pretrained"):
-            raise ValueError(f"{run} is a {name} run that does not record the run it started from "
+        source = meta.get("pretrained")
+        if isinstance(source, dict) and "agent" in source:
+            base = _build(source)  # weights come from this run's checkpoint
+        elif source:
+            base = load_agent(source.get("run") if isinstance(source, dict) else source)
+        else:
+            raise ValueError(f"{run} is a {name} run that does not record the policy it started from "
                              "(\"pretrained\" in config.json); rebuild it with make_online_agent and "
                              "load_training_state")
-        agent = make_online_agent(name, load_agent(meta["pretrained"]), **_json_settings(agent_class(name), settings))
+        agent = make_online_agent(name, base, **_json_settings(agent_class(name), settings))
         try:
             agent.load_training_state(saved["agent"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"the checkpoint in {run} does not fit this {name} agent: {e}") from None
     else:
-        import gymnasium as gym
+        if "obs_dim" in meta and "act_dim" in meta:
+            obs_dim, act_dim = meta["obs_dim"], meta["act_dim"]
+        elif meta.get("env_id"):
+            import gymnasium as gym
 
-        if not meta.get("env_id"):
-            raise ValueError(f"{run}'s config.json names no environment, so its observation and action sizes "
-                             "are unknown; build the agent with make_agent and load_checkpoint")
-        env = gym.make(meta["env_id"])
-        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-        env.close()
-        agent = make_agent(name, obs_dim, act_dim, **_json_settings(agent_class(name), settings))
+            env = gym.make(meta["env_id"])
+            obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+            env.close()
+        else:
+            raise ValueError(f"{run}'s config.json records neither the sizes nor the environment; build the "
+                             "agent with make_agent and load_checkpoint")
+        agent = _build({"agent": name, "agent_config": settings, "obs_dim": obs_dim, "act_dim": act_dim})
         load_state_checked(agent, saved["agent"], f"{name} agent", run)
     return agent.eval()
 

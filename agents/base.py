@@ -81,6 +81,7 @@ class OfflineAgent(nn.Module):
             cfg = dataclasses.replace(cfg, **overrides)
         self.obs_dim, self.act_dim, self.config = obs_dim, act_dim, cfg
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.grad_sync = None  # set by train_offline under DDP: averages the gradients over the ranks
         self.num_updates = 0  # completed ``update`` calls (read inside ``update``: the index of this one)
         self._in_update = False
 
@@ -112,6 +113,8 @@ class OfflineAgent(nn.Module):
         opt = self._optimizers[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_sync is not None:  # before clipping, as DistributedDataParallel would
+            self.grad_sync([p for g in opt.param_groups for p in g["params"]])
         norm = None
         if self.config.grad_clip is not None:
             ps = params if params is not None else [p for g in opt.param_groups for p in g["params"]]

@@ -262,11 +262,12 @@ def check_policy_shapes(agent, env_id: str, env) -> None:
 
 
 def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, run_dir=None,
-                 progress: bool = True, pretrained: str | None = None) -> dict:
+                 progress: bool = True, pretrained: dict | None = None) -> dict:
     """Train ``agent`` on ``env_id`` for ``cfg.env_steps`` environment steps; returns the eval history.
 
-    ``pretrained``: the run directory the agent started from, recorded in ``config.json`` so that
-    :func:`~diffpolicy.agents.load_agent` can rebuild the fine-tuned agent later.
+    ``pretrained``: where the agent started from (``{"run": dir, **describe_agent(bc)}``, as
+    ``diffpolicy finetune`` passes), recorded in ``config.json`` (not compared on resume, so a
+    moved run still resumes) for :func:`~diffpolicy.agents.load_agent`.
     """
     from torchrl.collectors import Collector
 
@@ -281,8 +282,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     set_seed(cfg.seed)
     run_config = json.loads(json.dumps({"agent": agent.name, "agent_config": dataclasses.asdict(a),
                                         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "env_steps"},
-                                        "dataset": getattr(data, "dataset_id", None), "env_id": env_id,
-                                        **({"pretrained": str(pretrained)} if pretrained else {})}, default=str))
+                                        "dataset": getattr(data, "dataset_id", None), "env_id": env_id}, default=str))
     state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
     def load(saved):
         try:
@@ -291,7 +291,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             raise CheckpointError(f"the checkpoint in {run_path} does not fit this {agent.name} agent: {e}. It was "
                                   "written with other settings (or code); use them or a new run directory") from None
 
-    saved = open_run(run_path, run_config, {"env_steps": cfg.env_steps}, load=load)
+    recorded = {"env_steps": cfg.env_steps, **({"pretrained": pretrained} if pretrained else {})}
+    saved = open_run(run_path, run_config, json.loads(json.dumps(recorded, default=str)), load=load)
     if saved is not None:
         state = saved["state"]
         set_rng_state(saved["rng"])

@@ -6,6 +6,13 @@ samples batches from a TorchRL replay buffer, calls ``agent.update``, evaluates 
 logs to CSV and TensorBoard, checkpoints atomically and resumes from the last checkpoint.
 A non-finite loss stops the run with the step and the loss term named; the last good
 checkpoint is kept.
+
+Under ``torchrun`` (an initialised process group, gloo on CPU or NCCL on CUDA) it is data
+parallel: every rank samples its own ``batch_size`` batch (the effective batch is
+``world x batch_size``; the world size is part of the run's identity), the agent's gradients are
+averaged over the ranks before clipping and each optimiser step (as DistributedDataParallel
+does), so the replicas stay identical; the RNG is reseeded from ``(seed, rank, step)`` every
+step, so a resumed run continues exactly; rank 0 alone evaluates, logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import Tensor
 
 from diffpolicy.checkpoint import CHECKPOINT, load_state_checked, save_checkpoint
 from diffpolicy.runlog import RunLogger as _Logger
-from diffpolicy.runlog import open_run
+from diffpolicy.runlog import open_run, process_group
 from diffpolicy.runlog import rng_state as _rng_state
 from diffpolicy.runlog import set_rng_state as _set_rng_state
 from diffpolicy.runlog import set_seed as _set_seed
@@ -44,6 +51,13 @@ class TrainConfig:
     eval_seed: int = 1_000_000
     seed: int = 0
     log_every: int = 1_000
+    # how, not what: not part of a run's identity (a run may resume on another device)
+    device: str = "cpu"           # "cuda", "cuda:1", ...: networks, optimiser state and batches live there
+    bf16: bool = False            # bfloat16 autocast around each update (the weights stay float32)
+    compile: str = ""             # a torch.compile backend ("inductor", "aot_eager", ...) for every network; "" off
+
+
+_HOW = ("steps", "device", "bf16", "compile")  # TrainConfig fields that do not change what a run computes
 
 
 def evaluate_agent(agent: OfflineAgent, data, env_id: str | None = None, *, episodes: int = 10, seed: int = 0):
@@ -52,9 +66,14 @@ def evaluate_agent(agent: OfflineAgent, data, env_id: str | None = None, *, epis
 
     was_training = agent.training
     agent.eval()
+    device = next(agent.parameters()).device
+
+    def act(obs):  # the env is on the CPU
+        return agent.act(obs.to(device)).cpu()
+
     try:
         score_fn = data.normalized_score if data.ref_min_score is not None else None
-        return evaluate(agent.act, env_id or data.env_id, episodes=episodes, seed=seed, obs_loc=data.obs_mean,
+        return evaluate(act if device.type != "cpu" else agent.act, env_id or data.env_id, episodes=episodes, seed=seed, obs_loc=data.obs_mean,
                         obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset)
     finally:
         agent.train(was_training)
@@ -71,6 +90,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     from tqdm.auto import tqdm
 
     cfg = config or TrainConfig()
+    rank, world = process_group()
     env_id = env_id or data.env_id
     if evaluate:
         if env_id is None:
@@ -79,25 +99,41 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     elif env_id is not None:
         data.check_env(env_id)
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
-    ckpt_path = run_path / CHECKPOINT if run_path is not None else None
+    ckpt_path = run_path / CHECKPOINT if run_path is not None and rank == 0 else None
     _set_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    agent.to(device)
     reward_scale = data.return_range_scale() if agent.reward_normalization == "return_range" else 1.0
-    rb = data.replay_buffer(cfg.batch_size, sequences=agent.sequence_spec, reward_scale=reward_scale)
+    rb = data.replay_buffer(cfg.batch_size, sequences=agent.sequence_spec, reward_scale=reward_scale,
+                            device=device if device.type != "cpu" else None)
     state = {"step": 0, "history": [], "train_seconds": 0.0}
     run_config = json.loads(json.dumps({
         "agent": agent.name, "agent_config": dataclasses.asdict(agent.config),
-        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"},
-        "dataset": data.dataset_id, "env_id": env_id, "reward_scale": reward_scale}, default=str))
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _HOW},
+        "dataset": data.dataset_id, "env_id": env_id, "reward_scale": reward_scale,
+        **({"world_size": world} if world > 1 else {})}, default=str))
     def fill_old(old):  # settings added to the agent since the run started: at their defaults
         defaults = json.loads(json.dumps(dataclasses.asdict(type(agent.config)()), default=str))
         return {**old, "agent_config": {**defaults, **old.get("agent_config", {})}}
 
-    saved = open_run(run_path, run_config, {"steps": cfg.steps}, fill_old=fill_old,
-                     load=lambda s: load_state_checked(agent, s["agent"], f"{agent.name} agent", run_path))
+    sizes = {"obs_dim": agent.obs_dim, "act_dim": agent.act_dim}  # for load_agent; not compared on resume
+    def load(s):
+        load_state_checked(agent, s["agent"], f"{agent.name} agent", run_path)
+
+    saved, error = None, None
+    if rank == 0:
+        try:
+            saved = open_run(run_path, run_config, {"steps": cfg.steps, **sizes}, fill_old=fill_old, load=load)
+        except ValueError as e:  # a config mismatch or a checkpoint that does not fit (CheckpointError)
+            error = e
+    if world > 1:
+        saved = _join_ranks(agent, rank, run_path, error, load)
+    elif error is not None:
+        raise error
     if saved is not None:
         state = saved["state"]
         _set_rng_state(saved["rng"])
-    logger = _Logger(run_path, resume_step=state["step"])
+    logger = _Logger(run_path if rank == 0 else None, resume_step=state["step"])
 
     def checkpoint():
         if ckpt_path is not None:
@@ -121,6 +157,9 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         for k, rows in pending.items():
             values = torch.stack([v for _, v in rows]).double().cpu()  # one conversion and transfer per row
             bad = (~torch.isfinite(values)).nonzero()
+            if world > 1 and _any_rank(bool(len(bad))) and not len(bad):
+                raise NonFiniteLossError(f"{agent.name}: {k} is not finite on another rank before step {step}; "
+                                         f"stopped before saving, the last good checkpoint is kept")
             if len(bad):
                 i = int(bad[0, 0])
                 raise NonFiniteLossError(
@@ -131,13 +170,19 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
             pending.clear()
         return means
 
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{agent.name}", disable=not progress, unit="step")
+    if cfg.compile:
+        compile_networks(agent, cfg.compile)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{agent.name}", disable=not progress or rank > 0,
+               unit="step")
     agent.train()
     t0 = time.perf_counter()
     try:
         while state["step"] < cfg.steps:
+            if world > 1:  # each rank its own batches and noise; a resumed run continues the same streams
+                torch.manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_003 + state["step"])
             batch = rb.sample()
-            metrics = agent.update(batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                metrics = agent.update(batch)
             state["step"] += 1
             step = state["step"]
             for k, v in metrics.items():
@@ -150,9 +195,10 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
             elif eval_now:
                 flush(clear=False)  # checked before the checkpoint, logged with the next row
             bar.update(1)
-            if eval_now:
+            if eval_now:  # every rank reaches here (the same flushes); rank 0 evaluates and saves
                 state["train_seconds"] += time.perf_counter() - t0
-                run_eval(step)
+                if rank == 0:
+                    run_eval(step)
                 checkpoint()
                 t0 = time.perf_counter()
             elif not evaluate and step == cfg.steps:
@@ -164,3 +210,63 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     final = state["history"][-1] if state["history"] else None
     return {"history": state["history"], "train_seconds": state["train_seconds"], "steps": state["step"],
             "final": final}
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (all of them stop together)."""
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _join_ranks(agent, rank: int, run_path, error, load):
+    """DDP start: every rank learns rank 0's verdict on the run directory, resumes from the same
+    checkpoint, starts from rank 0's weights, and averages its gradients with the others."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from diffpolicy.checkpoint import find_checkpoint, load_checkpoint
+
+    dist = torch.distributed
+    verdict = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        if error is not None:
+            raise error
+        raise ValueError(f"rank 0 stopped: {verdict[0]}")
+    saved = None
+    if run_path is not None and find_checkpoint(run_path) is not None:
+        saved = load_checkpoint(run_path)  # rank 0 checked it; the others read the same file
+        if rank:
+            load(saved)
+    for t in [*agent.parameters(), *agent.buffers()]:  # identical replicas, whatever each rank built
+        dist.broadcast(t.data, src=0)
+    world = dist.get_world_size()
+
+    def average(params):
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= world
+        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(avg)
+
+    agent.grad_sync = average
+    return saved
+
+
+def compile_networks(agent, backend: str = "inductor") -> int:
+    """``torch.compile`` the agent's denoiser networks (``MLPDenoiser``, ``TemporalUnet1D``,
+    ``Unet2D``: a chain runs them K times per action) and its twin critics, in place
+    (``nn.Module.compile``: parameters, state-dict keys and checkpoints are unchanged); returns how
+    many were compiled. Networks held inside TorchRL losses (TD3+BC, IQL, Gaussian BC) are left as
+    they are."""
+    from diffpolicy.nets import MLPDenoiser, TemporalUnet1D, Unet2D
+
+    from .critics import TwinQ
+
+    nets = [m for m in agent.modules() if isinstance(m, (MLPDenoiser, TemporalUnet1D, Unet2D, TwinQ))]
+    for m in nets:
+        m.compile(backend=backend)
+    return len(nets)

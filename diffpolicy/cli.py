@@ -12,6 +12,7 @@ starting with ``error:`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -115,6 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def _distributed(device: str = "cpu"):
+    """Under torchrun: one process group for the command (NCCL with this rank's GPU for a CUDA
+    ``device``, gloo otherwise); yields the device this rank uses. Without torchrun: nothing."""
+    if not _launched_by_torchrun():
+        yield device
+        return
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
 def _error(e: Exception) -> int:
     print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, also for torch's multi-line messages
     return 2
@@ -135,7 +161,11 @@ def _train_command(args) -> int:
     conf = load_sections({"agent": cls.config_class, "train": TrainConfig}, args.config, args.overrides)
     data = _open_data(args.dataset)
     agent = make_agent(args.agent, data.obs_dim, data.act_dim, config=conf["agent"])
-    out = train_offline(agent, data, conf["train"], env_id=args.env, run_dir=args.run_dir, progress=args.progress)
+    with _distributed():  # under torchrun: data parallel over the ranks (gloo on CPU)
+        out = train_offline(agent, data, conf["train"], env_id=args.env, run_dir=args.run_dir,
+                            progress=args.progress)
+    if int(os.environ.get("RANK", "0")):
+        return 0
     final = out["final"]
     print(f"{args.agent}: {out['steps']} steps, final score {final['score_mean']:.1f} ± {final['score_std']:.1f} "
           f"(return {final['return_mean']:.1f}) -> {args.run_dir}" if final else f"{args.agent}: {out['steps']} steps")
@@ -146,7 +176,7 @@ def _finetune_command(args) -> int:
     import json
     from pathlib import Path
 
-    from diffpolicy.agents import agent_class, load_agent, make_online_agent
+    from diffpolicy.agents import agent_class, describe_agent, load_agent, make_online_agent
     from diffpolicy.agents.online import OnlineConfig, train_online
     from diffpolicy.config import load_sections
 
@@ -158,7 +188,7 @@ def _finetune_command(args) -> int:
     data = _open_data(meta["dataset"])  # the pre-training's observation normalisation and reference scores
     agent = make_online_agent(args.agent, bc, config=conf["agent"])
     out = train_online(agent, args.env or meta["env_id"], data, conf["train"], run_dir=args.run_dir,
-                       progress=args.progress, pretrained=str(source.resolve()))
+                       progress=args.progress, pretrained={"run": str(source.resolve()), **describe_agent(bc)})
     first, last = out["history"][0], out["history"][-1]
     print(f"{args.agent}: {out['env_steps']} env steps, score {first['score_mean']:.1f} -> {last['score_mean']:.1f} "
           f"-> {args.run_dir}")
@@ -177,6 +207,9 @@ def _eval_command(args) -> int:
     meta = json.loads((run / "config.json").read_text())
     data = _open_data(meta["dataset"])
     score_fn = data.normalized_score if data.ref_min_score is not None else None
+    import torch
+
+    torch.manual_seed(args.seed)  # the policy's own noise too: the same run and seed give the same numbers
     res = evaluate(agent.act, args.env or meta["env_id"], episodes=args.episodes, seed=args.seed,
                    obs_loc=data.obs_mean, obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset,
                    action_chunk=getattr(agent, "action_chunk", 1))
@@ -237,22 +270,10 @@ def _image_command(args) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
-        if distributed:
-            import dataclasses
-
-            import torch.distributed as dist
-
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            if cfg.device.startswith("cuda"):
-                torch.cuda.set_device(local)
-                cfg = dataclasses.replace(cfg, device=f"cuda:{local}")
-            dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-        try:
-            out = pretrain_images(cfg, run_dir=run, progress=args.progress and not distributed)
-        finally:
-            if distributed:
-                dist.destroy_process_group()
+        with _distributed(cfg.device) as device:
+            if device != cfg.device:
+                cfg = dataclasses.replace(cfg, device=device)
+            out = pretrain_images(cfg, run_dir=run, progress=args.progress and not _launched_by_torchrun())
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{cfg.family}: {out['steps']} steps, last loss {out['history'][-1]['loss']:.4f} ({run})")
         return 0

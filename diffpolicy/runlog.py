@@ -12,7 +12,15 @@ import torch
 
 from .checkpoint import find_checkpoint, load_checkpoint
 
-__all__ = ["set_seed", "rng_state", "set_rng_state", "open_run", "RunLogger"]
+__all__ = ["set_seed", "rng_state", "set_rng_state", "open_run", "RunLogger", "process_group"]
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised ``torch.distributed`` process group, ``(0, 1)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def set_seed(seed: int) -> None:
@@ -46,7 +54,8 @@ def open_run(run_dir, config: dict, budget: dict, *, fill_old=None, load=None) -
     """Check and record a run directory; returns its checkpoint (or None for a new run).
 
     ``config`` (JSON-able) must equal the ``config.json`` of an existing checkpointed run, except
-    for the ``budget`` keys (e.g. ``{"steps": n}``: a longer run continues the same one);
+    for the ``budget`` keys, which are recorded but may change between calls (e.g. ``{"steps": n}``:
+    a longer run continues the same one; where the run came from, sizes read back by ``load_agent``);
     ``fill_old(old)`` may first complete an older file (settings added since, at their defaults);
     ``load(saved)`` restores the caller's objects before ``config.json`` is rewritten, so a
     checkpoint that does not fit leaves the run directory exactly as it was.

@@ -32,7 +32,7 @@ def _say(text: str) -> None:
 
 def run_story(out="runs/demo", *, quick: bool = False, progress: bool = True) -> dict:
     """Run the story into ``out``; returns the comparison report (see :func:`~diffpolicy.compare.compare_runs`)."""
-    from diffpolicy.agents import load_agent, make_agent, make_online_agent
+    from diffpolicy.agents import describe_agent, load_agent, make_agent, make_online_agent
     from diffpolicy.agents.online import OnlineConfig, train_online
     from diffpolicy.agents.trainer import TrainConfig, train_offline
     from diffpolicy.compare import compare_runs, markdown
@@ -75,7 +75,7 @@ def run_story(out="runs/demo", *, quick: bool = False, progress: bool = True) ->
     ocfg = OnlineConfig(env_steps=b["env_steps"], eval_every=max(1, b["env_steps"] // iter_steps // 6),
                         eval_episodes=b["eval_episodes"], checkpoint_every=2)
     res = train_online(dppo, ENV, data, ocfg, run_dir=out / "dppo", progress=progress,
-                       pretrained=str((out / "diffusion_bc").resolve()))
+                       pretrained={"run": str((out / "diffusion_bc").resolve()), **describe_agent(bc)})
     print(f"dppo: score {res['history'][0]['score_mean']:.1f} -> {res['history'][-1]['score_mean']:.1f}")
     runs.append(out / "dppo")
 

@@ -97,7 +97,8 @@ def load_dataset(dataset_id: str, *, download: bool = True):
     if dataset_id in local:
         try:
             return minari.load_dataset(dataset_id)
-        except (OSError, ValueError, KeyError) as e:  # h5py OSError (truncated file), ValueError (no data file)
+        except (OSError, RuntimeError, ValueError, KeyError, MemoryError) as e:  # h5py: OSError (truncated),
+            # RuntimeError (damaged heap); MemoryError: a damaged shape claiming petabytes
             raise _corrupt(dataset_id, e) from None
     if (_minari_root() / dataset_id).is_dir():  # present, but Minari cannot list it
         raise _corrupt(dataset_id, ValueError("its data/metadata.json is missing or not valid JSON"))
@@ -346,9 +347,10 @@ class OfflineData:
         if isinstance(dataset, str):
             dataset = load_dataset(dataset)
         obs, act, rew, nxt, term, trunc, eid = [], [], [], [], [], [], []
+        _check_sizes(dataset)
         try:
             episodes = list(dataset.iterate_episodes())
-        except (OSError, ValueError, KeyError) as e:  # a file damaged after it was opened
+        except (OSError, RuntimeError, ValueError, KeyError, MemoryError) as e:  # damaged after it was opened
             raise _corrupt(dataset.spec.dataset_id, e) from None
         for k, ep in enumerate(episodes):
             o = np.asarray(ep.observations, dtype=np.float32)
@@ -467,6 +469,31 @@ class OfflineData:
         if device is not None:
             td = td.to(device)
         return ReplayBuffer(storage=TensorStorage(td), sampler=RandomSampler(), batch_size=batch_size)
+
+
+def _check_sizes(dataset) -> None:
+    """Before any data is read: every array of an HDF5 dataset holds at most ``total_steps + 1``
+    rows. A damaged header can claim billions of rows, which h5py would allocate and fill for
+    minutes; such a file is a :class:`DatasetCorruptError` at once. (Other storages: nothing to do.)"""
+    path = getattr(dataset.storage, "_file_path", None)
+    if path is None or not str(path).endswith((".hdf5", ".h5")):
+        return
+    import h5py
+
+    limit, bad = int(dataset.total_steps) + 1, []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] > limit:
+            bad.append(f"{name} has {obj.shape[0]} rows")
+
+    did = dataset.spec.dataset_id
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise _corrupt(did, e) from None
+    if bad:
+        raise _corrupt(did, ValueError(f"{bad[0]}, more than the dataset's {limit - 1} steps"))
 
 
 def _env_id(dataset) -> str | None:

@@ -94,12 +94,19 @@ def test_train_finetune_eval_compare_through_the_cli(pendulum_data, tmp_path, ca
     assert main(["finetune", "dppo", str(ft), "--from", str(bc), "env_steps=400", "num_envs=2", "steps_per_iter=100",
                  "ft_steps=2", "eval_every=1", "eval_episodes=2", "--no-progress"]) == 0
     assert "dppo: 400 env steps" in capsys.readouterr().out
-    assert json.loads((ft / "config.json").read_text())["pretrained"] == str(bc.resolve())
-    # eval rebuilds each agent from its run directory alone
+    assert json.loads((ft / "config.json").read_text())["pretrained"]["run"] == str(bc.resolve())
+    # eval rebuilds each agent from its run directory alone: the fine-tuned one also after its source is gone
+    scores = {}
     for run in (bc, ft):
         assert main(["eval", str(run), "--episodes", "2"]) == 0
         rec = json.loads(capsys.readouterr().out)
         assert rec["episodes"] == 2 and rec["score_mean"] == rec["score_mean"]  # a number, not NaN
+        scores[run] = rec["return_mean"]
+    moved = tmp_path / "moved_bc"
+    bc.rename(moved)
+    assert main(["eval", str(ft), "--episodes", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["return_mean"] == scores[ft]  # the same agent, the same episodes
+    moved.rename(bc)
     assert main(["compare", str(bc), str(ft), "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
     assert "| diffusion_bc |" in table and "| fine-tuned dppo |" in table and "400 env steps" in table

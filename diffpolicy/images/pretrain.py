@@ -42,7 +42,7 @@ from diffpolicy.ema import EMA
 from diffpolicy.losses import consistency_training_loss, diffusion_loss
 from diffpolicy.nets import Unet2D
 from diffpolicy.checkpoint import CHECKPOINT, find_checkpoint, load_checkpoint, load_state_checked, save_checkpoint
-from diffpolicy.runlog import RunLogger, open_run, rng_state, set_rng_state, set_seed
+from diffpolicy.runlog import RunLogger, open_run, process_group, rng_state, set_rng_state, set_seed
 from diffpolicy.samplers import consistency_timesteps, prior, run_sampler, sample
 
 from .data import augment, load_digits
@@ -105,7 +105,7 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     with the same settings and a larger ``steps`` continues the run.
     """
     cfg = cfg or ImagePretrainConfig()
-    rank, world = _process_group()
+    rank, world = process_group()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     device = torch.device(cfg.device)
@@ -220,14 +220,6 @@ def load_pretrained(run_dir) -> tuple[ImagePretrainConfig, Denoiser, int]:
     ema = EMA(make_image_denoiser(cfg), cfg.ema_decay, warmup=True)
     load_state_checked(ema, saved["ema"], "image denoiser's EMA", run)
     return cfg, ema.module.eval(), int(saved["state"]["step"])
-
-
-def _process_group() -> tuple[int, int]:
-    """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def sample_images(model: Denoiser, n: int, size: int, steps: int, sampler: str = "ddim", *,
