@@ -249,6 +249,8 @@ class OnlineConfig:
     eval_seed: int = 10_000        # evaluation episodes are seeded apart from training ones
     checkpoint_every: int = 5      # iterations between checkpoints
     seed: int = 0
+    parallel_envs: bool = False    # how, not what (not part of the run's identity): collect with TorchRL's
+                                   # ParallelEnv (one process per env) instead of SerialEnv
 
 
 def check_policy_shapes(agent, env_id: str, env) -> None:
@@ -281,7 +283,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     iterations = -(-cfg.env_steps // (frames * getattr(agent, "action_chunk", 1)))
     set_seed(cfg.seed)
     run_config = json.loads(json.dumps({"agent": agent.name, "agent_config": dataclasses.asdict(a),
-                                        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "env_steps"},
+                                        "train": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                                  if k not in ("env_steps", "parallel_envs")},
                                         "dataset": getattr(data, "dataset_id", None), "env_id": env_id}, default=str))
     state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
     def load(saved):
@@ -298,7 +301,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
         set_rng_state(saved["rng"])
 
     chunk = getattr(agent, "action_chunk", 1)
-    env = make_env(env_id, num_envs=a.num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std, action_chunk=chunk)
+    env = make_env(env_id, num_envs=a.num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std, action_chunk=chunk,
+                   parallel=cfg.parallel_envs and a.num_envs > 1)
     check_policy_shapes(agent, env_id, env)
     env.set_seed(cfg.seed + 1000 * state["iteration"])
     collector = Collector(env, agent.policy_module(), frames_per_batch=frames, total_frames=-1,

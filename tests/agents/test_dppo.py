@@ -220,3 +220,19 @@ def test_one_env_and_resumed_qsm_and_drwr(tmp_path):
     d2 = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)
     d2.load_training_state(load_checkpoint(tmp_path / "drwr")["agent"])
     assert d2.pending == [{}, {}] and d2.iterations == 1  # old episodes' steps are not spliced onto new ones
+
+
+def test_parallel_env_workers_collect_what_serial_envs_collect(pendulum_data):
+    """``parallel_envs``: TorchRL's ParallelEnv (a process per env) gives the same training as SerialEnv."""
+    def run(parallel):
+        torch.manual_seed(0)
+        bc = DiffusionBC(3, 1, hidden=32, diffusion_steps=3)
+        agent = DPPO.from_diffusion_bc(bc, num_envs=2, steps_per_iter=50, ft_steps=2, update_epochs=1)
+        out = train_online(agent, "Pendulum-v1", pendulum_data, OnlineConfig(env_steps=200, eval_every=2,
+                           eval_episodes=1, parallel_envs=parallel), progress=False)
+        return out, agent
+
+    (serial, a), (parallel, b) = run(False), run(True)
+    assert [h["return_mean"] for h in serial["history"]] == [h["return_mean"] for h in parallel["history"]]
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
