@@ -50,7 +50,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-__all__ = ["AGENTS", "ONLINE_AGENTS", "agent_class", "make_agent", "make_online_agent", "load_agent",
+__all__ = ["AGENTS", "ONLINE_AGENTS", "IMAGE_TUNERS", "image_tuner_class", "agent_class", "make_agent", "make_online_agent", "load_agent",
            "describe_agent"]
 
 AGENTS = {
@@ -74,6 +74,24 @@ ONLINE_AGENTS = {
     "qsm": "qsm:QSM",
     "gaussian_ppo": "gaussian_ppo:GaussianPPO",
 }
+
+
+IMAGE_TUNERS = {  # reward fine-tuning of image models: name -> module:class
+    "ddpo": "ddpo:DDPO",
+    "draft": "draft:DRaFT",
+    "refl": "refl:ReFL",
+    "drwr": "image_drwr:ImageDRWR",
+}
+
+
+def image_tuner_class(name: str):
+    """The image reward fine-tuner registered as ``name`` (``ddpo``, ``draft``, ``refl``, ``drwr``)."""
+    if name not in IMAGE_TUNERS:
+        close = difflib.get_close_matches(name, IMAGE_TUNERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown image fine-tuner {name!r}{hint}; valid: {', '.join(IMAGE_TUNERS)}")
+    module, cls = IMAGE_TUNERS[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
 def agent_class(name: str):

@@ -24,7 +24,6 @@ exists (``--assemble``). Outputs: ``results/images.{json,md,png}`` and ``images_
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from diffpolicy.distill.students import STUDENT_SAMPLER  # how each student samples
 
 ROOT = Path(__file__).resolve().parent
 NFES = [1, 2, 4, 8, 16, 32, 50]
@@ -44,8 +45,6 @@ TEACHER_SAMPLERS = {  # family -> [(sampler, nfe grid)], one network evaluation 
     "trigflow": [("ddim", NFES), ("trigflow", [1, 2])],
 }
 STUDENTS = {"pd": "ddpm_v", "cd": "ddpm_v", "reflow": "rf", "instaflow": "rf", "dmd": "ddpm_v", "add": "ddpm_v"}
-STUDENT_SAMPLER = {"pd": "ddim", "cd": "consistency", "reflow": "rf_euler", "instaflow": "rf_euler", "dmd": "ddim",
-                   "add": "consistency"}
 
 
 def _labels(n: int) -> torch.Tensor:
@@ -108,135 +107,22 @@ def load_teacher(family: str, args, run_root: Path):
     return pretrain_images(teacher_cfg(family, args), run_dir=run_root / "teachers" / family, progress=False)["ema"]
 
 
-def _student_from(teacher):
-    student = copy.deepcopy(teacher).train()
-    student.net.cfg_dropout = 0.0  # the teacher's targets are conditional: no label dropout in the student
-    for p in student.parameters():
-        p.requires_grad_(True)
-    return student
-
-
 def _data(args):
     from diffpolicy.images import load_digits
 
     return load_digits(args.size, "train")
 
 
-def _batch(x, y, n, gen):
-    i = torch.randint(0, len(x), (n,), generator=gen)
-    return x[i], y[i]
-
-
-@torch.no_grad()
-def _pairs(teacher, n, steps, sampler, size, seed):
-    from diffpolicy.distill import ode_pairs
-
-    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed))
-    zs, xs = [], []
-    for i in range(0, n, 512):
-        z, x = ode_pairs(teacher, (min(512, n - i), 1, size, size), steps, cond=labels[i:i + 512], sampler=sampler,
-                         generator=torch.Generator().manual_seed(seed + i))
-        zs.append(z)
-        xs.append(x.clamp(-1, 1))
-    return torch.cat(zs), torch.cat(xs), labels
-
-
 def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict, object]]:
-    """Distil ``method`` from ``teacher``; returns ``[(info, student)]`` (PD: one per round)."""
-    from diffpolicy.distill import (fake_score_loss, one_step, pair_regression_loss,
-                                    progressive_distillation_loss, reflow_loss, score_distillation_loss)
-    from diffpolicy.distill.train import train_student
-    from diffpolicy.losses import consistency_distillation_loss
+    """Distil ``method`` from ``teacher`` with the benchmark's settings (the library's ``distill_images``)."""
+    from diffpolicy.distill.students import DistillConfig, distill_images
 
-    x, y = _data(args)
-    common = dict(lr=args.student_lr, progress=args.progress, seed=args.seed)
-    bs = args.batch_size
-    if method == "pd":
-        out, current = [], teacher
-        n = args.pd_start // 2
-        while n >= 1:
-            student = _student_from(current)
-            res = train_student(student, lambda step, g, t=current, s=student, n=n: progressive_distillation_loss(
-                s, t, *_batch(x, y, bs, g), student_steps=n, generator=g).mean(),
-                steps=args.student_steps, run_dir=run_dir / f"round_{n}", config={"method": "pd", "student_steps": n},
-                desc=f"pd {2 * n}->{n}", **common)
-            current = res["ema"]
-            out.append(({"student_steps": n, "train_seconds": res["seconds"]}, current))
-            n //= 2
-        return out
-    if method == "cd":
-        student = _student_from(teacher)
-        res = train_student(student, lambda step, g: consistency_distillation_loss(
-            student, teacher, *_batch(x, y, bs, g), num_scales=args.cd_scales, generator=g).mean(),
-            steps=args.student_steps, run_dir=run_dir, config={"method": "cd", "num_scales": args.cd_scales},
-            desc="cd", **common)
-        return [({"train_seconds": res["seconds"]}, res["ema"])]
-    if method in ("reflow", "instaflow"):
-        source = teacher
-        if method == "instaflow":  # InstaFlow distils the 2-rectified flow, trained first (its own run)
-            source = train_students("reflow", teacher, args, run_dir.parent / "reflow")[0][1]
-        z, xp, lab = _pairs(source, args.pairs, args.pair_steps, "rf_euler", args.size, args.seed)
-        student = _student_from(source)
-
-        def step_loss(step, g):
-            i = torch.randint(0, len(z), (bs,), generator=g)
-            if method == "reflow":  # flow matching on the teacher's coupling
-                return reflow_loss(student, z[i], xp[i], lab[i], generator=g).mean()
-            return pair_regression_loss(student, z[i], xp[i], lab[i]).mean()  # one step onto the 2-RF's endpoints
-
-        res = train_student(student, step_loss, steps=args.student_steps, run_dir=run_dir,
-                            config={"method": method, "pairs": args.pairs, "pair_steps": args.pair_steps},
-                            desc=method, **common)
-        return [({"train_seconds": res["seconds"]}, res["ema"])]
-    if method == "dmd":
-        z, xp, lab = _pairs(teacher, args.pairs, args.pair_steps, "ddim", args.size, args.seed)
-        generator_net, fake = _student_from(teacher), _student_from(teacher)
-        fake_opt = torch.optim.Adam(fake.parameters(), lr=args.student_lr)
-
-        def dmd_loss(step, g):
-            labels = torch.randint(0, 10, (bs,), generator=g)
-            for _ in range(args.dmd_fake_updates):  # DMD2's two time-scale rule
-                with torch.no_grad():
-                    xg = one_step(generator_net, torch.randn(bs, 1, args.size, args.size, generator=g), labels)
-                fl = fake_score_loss(fake, xg, labels, generator=g).mean()
-                fake_opt.zero_grad(set_to_none=True)
-                fl.backward()
-                fake_opt.step()
-            xg = one_step(generator_net, torch.randn(bs, 1, args.size, args.size, generator=g), labels)
-            i = torch.randint(0, len(z), (bs,), generator=g)
-            return (score_distillation_loss(xg, teacher, labels, fake=fake, weighting="dmd", generator=g).mean()
-                    + args.dmd_regression * pair_regression_loss(generator_net, z[i], xp[i], lab[i]).mean())
-
-        res = train_student(generator_net, dmd_loss, steps=args.student_steps, run_dir=run_dir,
-                            config={"method": "dmd", "pairs": args.pairs, "fake_updates": args.dmd_fake_updates,
-                                    "regression": args.dmd_regression},
-                            aux={"fake": fake, "fake_opt": fake_opt}, desc="dmd", **common)
-        return [({"train_seconds": res["seconds"]}, res["ema"])]
-    if method == "add":  # 4 student times; a small projection discriminator on clean images
-        from diffpolicy.distill import add_losses
-        from diffpolicy.distill.adversarial import ConvDiscriminator
-
-        student = _student_from(teacher)
-        disc = ConvDiscriminator(1, 16, 2, num_classes=10)
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=args.student_lr, betas=(0.0, 0.99))
-        times = teacher.schedule.timesteps(4)[:-1]
-
-        pending = {}
-
-        def add_loss(step, g):
-            pending.update(add_losses(student, teacher, disc, *_batch(x, y, bs, g), student_times=times,
-                                      generator=g))
-            return pending["generator"]
-
-        def disc_step(step):  # after the student's backward, which also ran through the discriminator
-            disc_opt.zero_grad(set_to_none=True)
-            pending.pop("discriminator").backward()
-            disc_opt.step()
-
-        res = train_student(student, add_loss, steps=args.student_steps, run_dir=run_dir, config={"method": "add"},
-                            aux={"disc": disc, "disc_opt": disc_opt}, desc="add", after_step=disc_step, **common)
-        return [({"train_seconds": res["seconds"]}, res["ema"])]
-    raise ValueError(f"unknown student {method!r}; valid: {', '.join(STUDENTS)}")
+    cfg = DistillConfig(method=method, student_steps=args.student_steps, batch_size=args.batch_size,
+                        lr=args.student_lr, pd_start=args.pd_start, cd_scales=args.cd_scales, pairs=args.pairs,
+                        pair_steps=args.pair_steps, dmd_fake_updates=args.dmd_fake_updates,
+                        dmd_regression=args.dmd_regression, seed=args.seed)
+    return distill_images(method, teacher, _data(args), cfg, run_dir=run_dir, progress=args.progress,
+                          reflow_dir=run_dir.parent / "reflow")
 
 
 def run_student(method: str, args, metrics, run_root: Path, result_root: Path) -> dict:

@@ -105,11 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="ImagePretrainConfig fields")
     pre.add_argument("--config", default=None, help="YAML file of ImagePretrainConfig fields")
     pre.add_argument("--no-progress", dest="progress", action="store_false")
-    smp = img_sub.add_parser("sample", help="sample a grid from a pre-trained run (its EMA weights)")
+    dis = img_sub.add_parser("distill", help="distil a pre-trained run into a few-step student (DistillConfig: "
+                                             "method=pd|cd|reflow|instaflow|dmd|add, student_steps=..., ...)")
+    dis.add_argument("run_dir", help="run directory of the student (an existing one continues)")
+    dis.add_argument("overrides", nargs="*", metavar="key=value", help="DistillConfig fields")
+    dis.add_argument("--teacher", required=True, help="the pre-training run directory to distil")
+    dis.add_argument("--config", default=None, help="YAML file of DistillConfig fields")
+    dis.add_argument("--no-progress", dest="progress", action="store_false")
+    fin = img_sub.add_parser("finetune", help="fine-tune a pre-trained run with a reward (ddpo, draft, refl, drwr)",
+                             description="Reward fine-tuning. Settings: the tuner's config fields (sampling_steps, "
+                                         "batch_size, lr, kl_weight, importance_sampling, grad_steps, ...) and "
+                                         "run.reward (class, brightness, contrast, compressibility, "
+                                         "incompressibility), run.iterations, run.checkpoint_every.")
+    fin.add_argument("method", help="ddpo, draft, refl or drwr")
+    fin.add_argument("run_dir", help="run directory of the fine-tuned model (an existing one continues)")
+    fin.add_argument("overrides", nargs="*", metavar="key=value")
+    fin.add_argument("--from", dest="source", required=True, help="the pre-training run directory to start from")
+    fin.add_argument("--config", default=None, help="YAML file of settings (flat, or under agent: / run:)")
+    fin.add_argument("--no-progress", dest="progress", action="store_false")
+    smp = img_sub.add_parser("sample", help="sample a grid from an image run: pre-trained, distilled or fine-tuned "
+                                            "(its EMA weights)")
     smp.add_argument("run_dir")
     smp.add_argument("--n", type=int, default=100, help="images (labels 0..9 in turn; default 100)")
-    smp.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    smp.add_argument("--sampler", default="ddim", help="ddim, ddpm, dpmpp_2m, rf_euler, consistency, ... (default ddim)")
+    smp.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; a student: its own)")
+    smp.add_argument("--sampler", default=None, help="ddim, ddpm, dpmpp_2m, rf_euler, consistency, ... "
+                                                     "(default ddim; a student: its own)")
     smp.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--out", default=None, help="PNG path (default RUN_DIR/samples.png); the tensor goes beside it as .pt")
@@ -261,7 +281,7 @@ def _image_command(args) -> int:
     import torch
 
     from diffpolicy.config import ConfigError, load_config
-    from diffpolicy.images import ImagePretrainConfig, image_grid, load_pretrained, pretrain_images, sample_images
+    from diffpolicy.images import ImagePretrainConfig, image_grid, load_image_model, pretrain_images, sample_images
 
     run = Path(args.run_dir)
     if args.image_command == "pretrain":
@@ -277,14 +297,22 @@ def _image_command(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{cfg.family}: {out['steps']} steps, last loss {out['history'][-1]['loss']:.4f} ({run})")
         return 0
-    try:
-        cfg, model, step = load_pretrained(run)
-    except (FileNotFoundError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.image_command == "distill":
+        from diffpolicy.distill.students import DistillConfig, distill_run
+
+        cfg = load_config(DistillConfig, args.config, args.overrides)
+        rec = distill_run(run, args.teacher, cfg, progress=args.progress)
+        print(f"{cfg.method} student of {args.teacher}: samples with {rec['sampler']} at {rec['steps']} steps "
+              f"({rec['train_seconds']:.0f} s) -> {run}")
+        return 0
+    if args.image_command == "finetune":
+        return _image_finetune(args, run)
+    cfg, model, info = load_image_model(run)
+    steps = args.steps or info.get("steps", 20)
+    sampler = args.sampler or info.get("sampler", "ddim")
     labels = torch.arange(args.n) % 10 if cfg.class_conditional else None
     try:
-        x = sample_images(model, args.n, cfg.size, args.steps, args.sampler, labels=labels, guidance=args.guidance,
+        x = sample_images(model, args.n, cfg.size, steps, sampler, labels=labels, guidance=args.guidance,
                           generator=torch.Generator().manual_seed(args.seed))
     except ValueError as e:  # an unknown sampler, a bad step count
         print(f"error: {e}", file=sys.stderr)
@@ -297,7 +325,43 @@ def _image_command(args) -> int:
     tile = image_grid(x, cols=10)
     Image.fromarray(((tile + 1) * 127.5).round().byte().numpy()).resize((tile.shape[1] * 4, tile.shape[0] * 4),
                                                                          Image.NEAREST).save(png)
-    print(f"{args.n} samples of {cfg.family} at step {step} ({args.sampler}, {args.steps} steps) -> {png}")
+    what = info.get("method", cfg.family) + (f" at step {info['step']}" if "step" in info else "")
+    print(f"{args.n} samples of {what} ({sampler}, {steps} steps) -> {png}")
+    return 0
+
+
+@dataclasses.dataclass
+class ImageFinetuneRun:
+    reward: str = "brightness"      # class, brightness, contrast, compressibility, incompressibility
+    iterations: int = 100           # tuner iterations (one batch of samples each)
+    checkpoint_every: int = 10
+
+
+def _image_finetune(args, run) -> int:
+    import json
+    from pathlib import Path
+
+    from diffpolicy.agents import image_tuner_class
+    from diffpolicy.config import load_sections
+    from diffpolicy.images import load_pretrained
+    from diffpolicy.images.rewards import make_reward
+
+    cls = image_tuner_class(args.method)
+    conf = load_sections({"agent": cls.config_class, "run": ImageFinetuneRun}, args.config, args.overrides)
+    t_cfg, model, step = load_pretrained(args.source)
+    reward = make_reward(conf["run"].reward)
+    tuner = cls(model, reward, t_cfg.size, conf["agent"])
+    before = tuner.evaluate(256, seed=1)["reward_mean"]
+    tuner.fit(conf["run"].iterations, run_dir=run, progress=args.progress, checkpoint_every=conf["run"].checkpoint_every)
+    after = tuner.evaluate(256, seed=1)["reward_mean"]
+    record = {"kind": "tuned", "method": args.method, "reward": conf["run"].reward,
+              "source_run": str(Path(args.source).resolve()), "source_step": step,
+              "teacher_config": json.loads(json.dumps(dataclasses.asdict(t_cfg), default=list)),
+              "sampler": "ddim" if tuner.config.eta == 0 else "ddpm", "steps": tuner.config.sampling_steps,
+              "reward_before": before, "reward_after": after}
+    (run / "model.json").write_text(json.dumps(record, indent=1))
+    print(f"{args.method} on {conf['run'].reward}: reward {before:.4f} -> {after:.4f} "
+          f"({tuner.samples(conf['run'].iterations)} samples) -> {run}")
     return 0
 
 

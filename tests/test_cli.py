@@ -80,6 +80,29 @@ def test_image_pretrain_then_sample_and_clear_errors(tmp_path, capsys):
     assert "holds no pre-training run" in capsys.readouterr().err
     assert main(["image", "sample", str(run), "--sampler", "magic"]) == 2
     assert "unknown sampler 'magic'" in capsys.readouterr().err
+    # distil it into a few-step student, fine-tune it with a reward; both sample from their own directory
+    import json
+
+    student = tmp_path / "pd"
+    assert main(["image", "distill", str(student), "--teacher", str(run), "method=pd", "pd_start=4",
+                 "student_steps=3", "batch_size=8", "--no-progress"]) == 0
+    assert "pd student" in capsys.readouterr().out
+    rec = json.loads((student / "model.json").read_text())
+    assert (rec["kind"], rec["steps"], rec["final"], rec["sampler"]) == ("student", 1, "round_1", "ddim")
+    assert main(["image", "sample", str(student), "--n", "10", "--out", str(tmp_path / "s.png")]) == 0
+    assert "10 samples of pd (ddim, 1 steps)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "s.pt").shape == (10, 1, 8, 8)
+    tuned = tmp_path / "ddpo"
+    assert main(["image", "finetune", "ddpo", str(tuned), "--from", str(run), "reward=brightness", "iterations=2",
+                 "batch_size=4", "sampling_steps=4", "--no-progress"]) == 0
+    assert "ddpo on brightness: reward" in capsys.readouterr().out
+    assert json.loads((tuned / "model.json").read_text())["kind"] == "tuned"
+    assert main(["image", "sample", str(tuned), "--n", "10", "--out", str(tmp_path / "t.png")]) == 0
+    assert "10 samples of ddpo (ddpm, 4 steps)" in capsys.readouterr().out
+    assert main(["image", "finetune", "ddpoo", str(tuned), "--from", str(run)]) == 2
+    assert "did you mean 'ddpo'" in capsys.readouterr().err
+    assert main(["image", "distill", str(student), "--teacher", str(run), "method=magic"]) == 2
+    assert "unknown distillation method 'magic'" in capsys.readouterr().err
 
 
 def test_train_finetune_eval_compare_through_the_cli(pendulum_data, tmp_path, capsys):
@@ -146,7 +169,7 @@ def test_finetune_needs_the_matching_pretrained_agent(pendulum_data, tmp_path, c
 
 def test_every_command_has_help(capsys):
     for argv in (["train"], ["finetune"], ["eval"], ["compare"], ["demo"], ["toy-demo"], ["dataset", "make"],
-                 ["image", "pretrain"], ["image", "sample"]):
+                 ["image", "pretrain"], ["image", "sample"], ["image", "distill"], ["image", "finetune"]):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--help"])
         assert e.value.code == 0 and "usage: diffpolicy" in capsys.readouterr().out

@@ -9,6 +9,8 @@ file                             method
 ``score_distillation.py``        SDS, VSD and DMD's distribution-matching gradient
 ``adversarial.py``               GAN losses, ADD, DMD2's GAN head
 ``diffpolicy.losses``            consistency distillation / training, LCM (core losses)
+``students.py``                  every method above as one entry point (``distill_images``,
+                                 ``distill_run``: ``diffpolicy image distill``)
 ================================ =====================================================
 """
 from .adversarial import add_losses, discriminator_loss, generator_adv_loss, noisy, r1_penalty

@@ -206,6 +206,24 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
             "seconds": state["seconds"]}
 
 
+def load_image_model(run_dir) -> tuple[ImagePretrainConfig, Denoiser, dict]:
+    """``(config, ema_model, info)`` of any image run: a pre-training run, or a run derived from one
+    (a distilled student, a reward-tuned model: ``model.json`` records the pre-training config, so
+    the network is rebuilt without the original run; the weights are the run's EMA)."""
+    from diffpolicy.config import load_config
+
+    run = pathlib.Path(run_dir)
+    if not (run / "model.json").is_file():
+        cfg, model, step = load_pretrained(run)
+        return cfg, model, {"kind": "pretrained", "step": step}
+    record = json.loads((run / "model.json").read_text())
+    cfg = load_config(ImagePretrainConfig, **record["teacher_config"])
+    ema = EMA(make_image_denoiser(cfg), cfg.ema_decay, warmup=True)
+    final = run / record.get("final", ".")
+    load_state_checked(ema, load_checkpoint(final)["ema"], f"{record.get('method', 'derived')} model", final)
+    return cfg, ema.module.eval(), record
+
+
 def load_pretrained(run_dir) -> tuple[ImagePretrainConfig, Denoiser, int]:
     """``(config, ema_model, step)`` of a pre-training run directory, without training: the EMA
     weights of its checkpoint (loaded weights-only) in a model built from its ``config.json``."""
