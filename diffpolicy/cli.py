@@ -27,6 +27,13 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
                             help=f"(default: {f.default})")
 
 
+def _settings_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``key=value`` overrides, ``--config FILE.yaml`` and ``--no-progress`` of a config-driven command."""
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=what)
+    parser.add_argument("--config", default=None, help=f"YAML file of {what}")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpolicy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,12 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("agent", choices=list(AGENTS), metavar="AGENT", help=f"one of: {', '.join(AGENTS)}")
     train.add_argument("run_dir", help="run directory: config.json, train.csv, eval.csv, tb/, checkpoint "
                                        "(an existing run continues; a larger steps= extends it)")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
     train.add_argument("--dataset", required=True, help="Minari dataset id (local, e.g. diffpolicy/hopper/medium-v0; "
                                                         "a remote id downloads when the network allows)")
     train.add_argument("--env", default=None, help="gymnasium id for evaluation (default: the dataset's env)")
-    train.add_argument("--config", default=None, help="YAML file of settings (flat, or under agent: / train:)")
-    train.add_argument("--no-progress", dest="progress", action="store_false")
+    _settings_args(train, "settings (flat, or under agent: / train:)")
 
     ft = sub.add_parser("finetune", help="fine-tune a trained BC run online (DPPO, DRWR, DAWR, QSM, Gaussian PPO)",
                         description="Fine-tune online from a trained run: dppo/drwr/dawr/qsm from a diffusion_bc "
@@ -79,11 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "checkpoint_every, seed).")
     ft.add_argument("agent", choices=list(ONLINE_AGENTS), metavar="AGENT", help=f"one of: {', '.join(ONLINE_AGENTS)}")
     ft.add_argument("run_dir", help="run directory of the fine-tuning (an existing run continues)")
-    ft.add_argument("overrides", nargs="*", metavar="key=value")
     ft.add_argument("--from", dest="source", required=True, help="run directory of the trained BC policy")
     ft.add_argument("--env", default=None, help="gymnasium id (default: the pre-training dataset's env)")
-    ft.add_argument("--config", default=None, help="YAML file of settings (flat, or under agent: / train:)")
-    ft.add_argument("--no-progress", dest="progress", action="store_false")
+    _settings_args(ft, "settings (flat, or under agent: / train:)")
 
     ev = sub.add_parser("eval", help="evaluate the agent of a run directory (fixed seeds, normalised score)")
     ev.add_argument("run_dir")
@@ -102,16 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre = img_sub.add_parser("pretrain", help="train one model family (ImagePretrainConfig: family=ddpm_eps|ddpm_x0|"
                                               "ddpm_v|rf|ct|trigflow, steps=..., size=8|16, ...); resumes a run dir")
     pre.add_argument("run_dir", help="run directory: config.json, logs, checkpoint.pt (an existing one continues)")
-    pre.add_argument("overrides", nargs="*", metavar="key=value", help="ImagePretrainConfig fields")
-    pre.add_argument("--config", default=None, help="YAML file of ImagePretrainConfig fields")
-    pre.add_argument("--no-progress", dest="progress", action="store_false")
+    _settings_args(pre, "ImagePretrainConfig fields")
     dis = img_sub.add_parser("distill", help="distil a pre-trained run into a few-step student (DistillConfig: "
                                              "method=pd|cd|reflow|instaflow|dmd|add, student_steps=..., ...)")
     dis.add_argument("run_dir", help="run directory of the student (an existing one continues)")
-    dis.add_argument("overrides", nargs="*", metavar="key=value", help="DistillConfig fields")
     dis.add_argument("--teacher", required=True, help="the pre-training run directory to distil")
-    dis.add_argument("--config", default=None, help="YAML file of DistillConfig fields")
-    dis.add_argument("--no-progress", dest="progress", action="store_false")
+    _settings_args(dis, "DistillConfig fields")
     fin = img_sub.add_parser("finetune", help="fine-tune a pre-trained run with a reward (ddpo, draft, refl, drwr)",
                              description="Reward fine-tuning. Settings: the tuner's config fields (sampling_steps, "
                                          "batch_size, lr, kl_weight, importance_sampling, grad_steps, ...) and "
@@ -119,10 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "incompressibility), run.iterations, run.checkpoint_every.")
     fin.add_argument("method", help="ddpo, draft, refl or drwr")
     fin.add_argument("run_dir", help="run directory of the fine-tuned model (an existing one continues)")
-    fin.add_argument("overrides", nargs="*", metavar="key=value")
     fin.add_argument("--from", dest="source", required=True, help="the pre-training run directory to start from")
-    fin.add_argument("--config", default=None, help="YAML file of settings (flat, or under agent: / run:)")
-    fin.add_argument("--no-progress", dest="progress", action="store_false")
+    _settings_args(fin, "settings (flat, or under agent: / run:)")
     smp = img_sub.add_parser("sample", help="sample a grid from an image run: pre-trained, distilled or fine-tuned "
                                             "(its EMA weights)")
     smp.add_argument("run_dir")
