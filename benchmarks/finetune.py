@@ -82,6 +82,10 @@ def make_method(name: str, bc, gbc, args):
     common = dict(num_envs=args.num_envs, steps_per_iter=args.steps_per_iter)
     if name == "dppo":  # PPO on the last ft_steps denoising steps
         common["ft_steps"] = min(args.ft_steps, bc.config.diffusion_steps)
+        if args.dppo_clip is not None:  # a flat clip over the fine-tuned steps (sensitivity runs)
+            common.update(clip_epsilon=args.dppo_clip, clip_epsilon_base=args.dppo_clip)
+        if args.dppo_actor_lr is not None:
+            common["actor_lr"] = args.dppo_actor_lr
     return make_online_agent(name, bc, **common)  # DRWR / DAWR / QSM: whole-model losses, every step fine-tuned
 
 
@@ -297,6 +301,9 @@ def main(argv=None):
                    help="policy decisions per env per iteration (action chunks for the diffusion methods)")
     p.add_argument("--denoising-steps", type=int, default=20, help="K of the pre-trained diffusion BC (DPPO: 20)")
     p.add_argument("--ft-steps", type=int, default=10, help="DPPO's fine-tuned last denoising steps (DPPO: 10)")
+    p.add_argument("--dppo-clip", type=float, default=None, help="DPPO's PPO clip, flat over the fine-tuned steps "
+                   "(default: DPPOConfig's 0.01); use a separate --out / --runs for such sensitivity runs")
+    p.add_argument("--dppo-actor-lr", type=float, default=None, help="DPPO's actor learning rate (default 1e-4)")
     p.add_argument("--action-chunk", type=int, default=4, help="actions per diffusion decision (DPPO: 4)")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
