@@ -124,12 +124,14 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     if rank == 0:
         try:
             saved = open_run(run_path, run_config, {"steps": cfg.steps, **sizes}, fill_old=fill_old, load=load)
-        except ValueError as e:  # a config mismatch or a checkpoint that does not fit (CheckpointError)
+        except Exception as e:  # a config mismatch, a checkpoint that does not fit, an unwritable directory
             error = e
     if world > 1:
-        saved = _join_ranks(agent, rank, run_path, error, load)
-    elif error is not None:
-        raise error
+        saved = _join_ranks(agent, rank, saved, error, load)
+    else:
+        agent.grad_sync = None  # a DDP run's agent trained again in one process
+        if error is not None:
+            raise error
     if saved is not None:
         state = saved["state"]
         _set_rng_state(saved["rng"])
@@ -179,7 +181,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     try:
         while state["step"] < cfg.steps:
             if world > 1:  # each rank its own batches and noise; a resumed run continues the same streams
-                torch.manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_003 + state["step"])
+                torch.manual_seed(((cfg.seed * 1_000_003 + rank) * 1_000_003 + state["step"]) % 2 ** 63)
             batch = rb.sample()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 metrics = agent.update(batch)
@@ -207,6 +209,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     finally:
         bar.close()
         logger.close()
+        agent.grad_sync = None  # the process group may be gone after this call
     final = state["history"][-1] if state["history"] else None
     return {"history": state["history"], "train_seconds": state["train_seconds"], "steps": state["step"],
             "final": final}
@@ -214,17 +217,18 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (all of them stop together)."""
-    t = torch.tensor([float(flag)])
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
 
 
-def _join_ranks(agent, rank: int, run_path, error, load):
-    """DDP start: every rank learns rank 0's verdict on the run directory, resumes from the same
-    checkpoint, starts from rank 0's weights, and averages its gradients with the others."""
+def _join_ranks(agent, rank: int, saved, error, load):
+    """DDP start: every rank learns rank 0's verdict on the run directory, resumes from rank 0's
+    checkpoint (sent, so the run directory need not be shared between nodes), starts from rank 0's
+    weights, and averages its gradients with the others."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    from diffpolicy.checkpoint import find_checkpoint, load_checkpoint
 
     dist = torch.distributed
     verdict = [None if error is None else f"{type(error).__name__}: {error}"]
@@ -233,11 +237,11 @@ def _join_ranks(agent, rank: int, run_path, error, load):
         if error is not None:
             raise error
         raise ValueError(f"rank 0 stopped: {verdict[0]}")
-    saved = None
-    if run_path is not None and find_checkpoint(run_path) is not None:
-        saved = load_checkpoint(run_path)  # rank 0 checked it; the others read the same file
-        if rank:
-            load(saved)
+    shared = [saved if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)  # rank 0's own objects, never a file's
+    saved = shared[0]
+    if rank and saved is not None:
+        load(saved)
     for t in [*agent.parameters(), *agent.buffers()]:  # identical replicas, whatever each rank built
         dist.broadcast(t.data, src=0)
     world = dist.get_world_size()

@@ -151,7 +151,10 @@ def _distributed(device: str = "cpu"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    import datetime
+
+    # generous: rank 0 evaluates and checkpoints while the others wait at the next collective
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
     try:
         yield device
     finally:
@@ -178,9 +181,9 @@ def _train_command(args) -> int:
     conf = load_sections({"agent": cls.config_class, "train": TrainConfig}, args.config, args.overrides)
     data = _open_data(args.dataset)
     agent = make_agent(args.agent, data.obs_dim, data.act_dim, config=conf["agent"])
-    with _distributed():  # under torchrun: data parallel over the ranks (gloo on CPU)
-        out = train_offline(agent, data, conf["train"], env_id=args.env, run_dir=args.run_dir,
-                            progress=args.progress)
+    with _distributed(conf["train"].device) as device:  # under torchrun: data parallel (gloo / NCCL)
+        out = train_offline(agent, data, dataclasses.replace(conf["train"], device=device), env_id=args.env,
+                            run_dir=args.run_dir, progress=args.progress)
     if int(os.environ.get("RANK", "0")):
         return 0
     final = out["final"]

@@ -480,17 +480,17 @@ def _check_sizes(dataset) -> None:
         return
     import h5py
 
-    limit, bad = int(dataset.total_steps) + 1, []
-
-    def visit(name, obj):
-        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] > limit:
-            bad.append(f"{name} has {obj.shape[0]} rows")
-
-    did = dataset.spec.dataset_id
+    did, bad = dataset.spec.dataset_id, []
     try:
+        limit = int(dataset.storage.total_steps) + 1  # the whole file's steps (a filtered dataset sees fewer)
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] > limit:
+                bad.append(f"{name} has {obj.shape[0]} rows")
+
         with h5py.File(path, "r") as f:
             f.visititems(visit)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise _corrupt(did, e) from None
     if bad:
         raise _corrupt(did, ValueError(f"{bad[0]}, more than the dataset's {limit - 1} steps"))

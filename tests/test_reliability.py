@@ -181,3 +181,12 @@ def test_a_dataset_of_other_spaces_stops_before_training(pendulum_data, tmp_path
     with pytest.raises(ValueError, match=r"(?s)\(3,\).*Hopper-v5"):
         train_offline(DiffusionBC(3, 1), pendulum_data, TrainConfig(steps=3), env_id="Hopper-v5", run_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_size_check_accepts_a_filtered_healthy_dataset(pendulum_data):
+    """The guard against damaged headers counts the whole file's steps, not a subset's."""
+    from diffpolicy.envs.datasets import OfflineData, load_dataset
+
+    ds = load_dataset(pendulum_data.dataset_id, download=False)
+    first = ds.filter_episodes(lambda ep: ep.id == 0)
+    assert len(OfflineData.from_minari(first)) == first.total_steps < ds.total_steps
