@@ -61,6 +61,19 @@ class DDPO(ImageRewardTuner):
     def samples(self, iterations: int) -> int:
         return -(-iterations // self.config.inner_epochs) * self.config.batch_size
 
+    def state_dict(self) -> dict:
+        """The per-context reward buffers and the batch the inner epochs reuse: a resumed run
+        continues exactly, also between inner epochs."""
+        batch = None if self.batch is None else {"data": self.batch.to_dict(), "shape": list(self.batch.batch_size)}
+        return {"standardize": self.standardize.state_dict(), "batch": batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        from tensordict import TensorDict
+
+        self.standardize.load_state_dict(state["standardize"])
+        b = state.get("batch")
+        self.batch = None if b is None else TensorDict(b["data"], batch_size=b["shape"])
+
     def collect(self, generator):
         """A batch of chains ``[B, K]`` with old log-probs, rewards and per-chain advantages."""
         c = self.config

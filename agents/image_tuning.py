@@ -155,5 +155,12 @@ class ImageRewardTuner:
                             run_dir=run_dir, config={"method": self.name, **dataclasses.asdict(cfg),
                                                      "reward": self.reward.name},
                             seed=cfg.seed, log_every=log_every, checkpoint_every=checkpoint_every,
-                            progress=progress, desc=self.name)
+                            progress=progress, desc=self.name, aux={"tuner": self})
         return out
+
+    def state_dict(self) -> dict:
+        """State a tuner carries between iterations besides the model (checkpointed with it)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -72,6 +72,15 @@ class PerContextStandardizer:
         self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
         self.buffers: dict = defaultdict(lambda: deque(maxlen=self.buffer_size))
 
+    def state_dict(self) -> dict:
+        """The buffers (context ids and their recent rewards), for checkpoints."""
+        return {"keys": list(self.buffers), "values": [list(b) for b in self.buffers.values()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers.clear()
+        for key, values in zip(state["keys"], state["values"]):
+            self.buffers[key].extend(float(v) for v in values)
+
     def __call__(self, contexts, rewards: Tensor) -> Tensor:
         """``contexts``: a sequence or ``[B]`` tensor of hashable ids; ``rewards [B]`` -> advantages ``[B]``."""
         keys = contexts.tolist() if isinstance(contexts, Tensor) else list(contexts)

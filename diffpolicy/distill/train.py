@@ -52,7 +52,8 @@ def train_student(student: nn.Module, loss_fn: Callable[[int, torch.Generator], 
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
         for name, obj in aux.items():
-            obj.load_state_dict(saved["aux"][name])
+            if name in saved.get("aux", {}):  # state added since an older run was saved: its default
+                obj.load_state_dict(saved["aux"][name])
         state = saved["state"]
         gen.set_state(saved["gen"])
         set_rng_state(saved["rng"])

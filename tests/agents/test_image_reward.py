@@ -110,3 +110,21 @@ def test_contexts_follow_the_model():
     assert tuner.contexts(4) is None and tuner.loss(0, torch.Generator().manual_seed(0)).isfinite()
     with pytest.raises(ValueError, match="the model is unconditional"):
         DRaFT(uncond, Brightness(), 8, num_classes=10)
+
+
+def test_ddpo_resumes_exactly_between_inner_epochs(tmp_path):
+    """The per-context reward buffers and the reused batch are checkpointed with the model."""
+    def tuner():
+        torch.manual_seed(0)
+        return DDPO(_model(), make_reward("brightness"), 8, sampling_steps=4, batch_size=8, importance_sampling=True,
+                    inner_epochs=2)
+
+    straight = tuner()
+    straight.fit(5, progress=False)
+    first = tuner()
+    first.fit(3, run_dir=tmp_path, progress=False, checkpoint_every=3)  # stops inside an inner-epoch pair
+    resumed = tuner()
+    resumed.fit(5, run_dir=tmp_path, progress=False, checkpoint_every=3)
+    assert resumed.standardize.buffers.keys() == straight.standardize.buffers.keys()
+    for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
