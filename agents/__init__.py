@@ -172,8 +172,8 @@ def load_agent(run_dir):
         source = meta.get("pretrained")
         if isinstance(source, dict) and "agent" in source:
             base = _build(source)  # weights come from this run's checkpoint
-        elif source:
-            base = load_agent(source.get("run") if isinstance(source, dict) else source)
+        elif isinstance(source, str):  # runs written before the architecture was recorded
+            base = load_agent(source)
         else:
             raise ValueError(f"{run} is a {name} run that does not record the policy it started from "
                              "(\"pretrained\" in config.json); rebuild it with make_online_agent and "

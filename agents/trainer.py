@@ -155,19 +155,20 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     def flush(clear: bool = True) -> dict[str, float]:
         """Means of the pending metrics, read in one transfer (no per-step device sync); a non-finite
         value stops the run, naming its first step, before anything after it is logged or saved."""
-        means = {}
+        means, first_bad = {}, None
         for k, rows in pending.items():
             values = torch.stack([v for _, v in rows]).double().cpu()  # one conversion and transfer per row
             bad = (~torch.isfinite(values)).nonzero()
-            if world > 1 and _any_rank(bool(len(bad))) and not len(bad):
-                raise NonFiniteLossError(f"{agent.name}: {k} is not finite on another rank before step {step}; "
-                                         f"stopped before saving, the last good checkpoint is kept")
-            if len(bad):
+            if len(bad) and first_bad is None:
                 i = int(bad[0, 0])
-                raise NonFiniteLossError(
-                    f"{agent.name}: {k} is {float(values[i])} at step {rows[i][0]}; stopped before saving, the last "
-                    f"good checkpoint ({ckpt_path if ckpt_path is not None else 'none: no run_dir'}) is kept")
+                first_bad = f"{k} is {float(values[i])} at step {rows[i][0]}"
             means[k] = float(values.mean())
+        if world > 1 and _any_rank(first_bad is not None) and first_bad is None:  # every rank stops together
+            first_bad = f"a loss is not finite on another rank by step {step}"
+        if first_bad is not None:
+            raise NonFiniteLossError(
+                f"{agent.name}: {first_bad}; stopped before saving, the last good checkpoint "
+                f"({ckpt_path if ckpt_path is not None else 'none: no run_dir'}) is kept")
         if clear:
             pending.clear()
         return means

@@ -63,14 +63,14 @@ def pretrain(name: str, data, steps: int, run_root: Path, seed: int, progress: b
     return agent
 
 
-def load_pretrained(name: str, path: str, data, settings: dict):
-    from diffpolicy.agents import make_agent
+def load_pretrained(name: str, path: str):
+    """The trained ``name`` agent of a run directory (or of the directory of a checkpoint file)."""
+    from diffpolicy.agents import load_agent
 
-    agent = make_agent(name, data.obs_dim, data.act_dim, **settings)
-    from diffpolicy.checkpoint import load_checkpoint, load_state_checked
-
-    saved = load_checkpoint(path)
-    load_state_checked(agent, saved["agent"] if "agent" in saved else saved, name, path)
+    run = Path(path)
+    agent = load_agent(run if run.is_dir() else run.parent)
+    if agent.name != name:
+        raise ValueError(f"{path} holds a {agent.name} run, not {name}")
     return agent
 
 
@@ -347,10 +347,10 @@ def main(argv=None):
     bc = gbc = None
     if not args.assemble and needs_bc:
         st = bc_settings("diffusion_bc", args)
-        bc = (load_pretrained("diffusion_bc", args.pretrained, data, st) if args.pretrained
+        bc = (load_pretrained("diffusion_bc", args.pretrained) if args.pretrained
               else pretrain("diffusion_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress, st))
     if not args.assemble and "gaussian_ppo" in args.methods:
-        gbc = (load_pretrained("gaussian_bc", args.gaussian_pretrained, data, {}) if args.gaussian_pretrained
+        gbc = (load_pretrained("gaussian_bc", args.gaussian_pretrained) if args.gaussian_pretrained
                else pretrain("gaussian_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress, {}))
     report = {}
     if not args.assemble:

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 spec = importlib.util.spec_from_file_location("finetune_bench", Path(__file__).parents[1] / "benchmarks" / "finetune.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
@@ -32,3 +34,9 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
     md = (tmp_path / "out" / "finetune.md").read_text()
     again = bench.main(args + ["--assemble"])  # no training: the same table from the run files
     assert again["results"] == rep["results"] and (tmp_path / "out" / "finetune.md").read_text() == md
+    # --pretrained: a BC run directory (or its checkpoint) restores that run's agent, with its own settings
+    bc_run = tmp_path / "runs" / "pretrain" / "diffusion_bc"
+    bc = bench.load_pretrained("diffusion_bc", str(bc_run / "checkpoint.safetensors"))
+    assert bc.config.horizon == 2 and bc.config.diffusion_steps == 6
+    with pytest.raises(ValueError, match="holds a diffusion_bc run, not gaussian_bc"):
+        bench.load_pretrained("gaussian_bc", str(bc_run))
