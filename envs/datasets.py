@@ -49,6 +49,12 @@ class NonFiniteDataError(ValueError):
     """The dataset holds NaN or inf values."""
 
 
+# What h5py and Minari raise on a damaged file: OSError (truncated), RuntimeError (damaged heap),
+# MemoryError (a damaged shape claiming petabytes), AssertionError / TypeError (Minari's own checks
+# of the group structure), ValueError / KeyError (damaged names and attributes).
+_READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, MemoryError, AssertionError, TypeError)
+
+
 class DatasetCorruptError(ValueError):
     """A local dataset whose files cannot be read (truncated, half-copied, edited)."""
 
@@ -97,8 +103,7 @@ def load_dataset(dataset_id: str, *, download: bool = True):
     if dataset_id in local:
         try:
             return minari.load_dataset(dataset_id)
-        except (OSError, RuntimeError, ValueError, KeyError, MemoryError) as e:  # h5py: OSError (truncated),
-            # RuntimeError (damaged heap); MemoryError: a damaged shape claiming petabytes
+        except _READ_ERRORS as e:
             raise _corrupt(dataset_id, e) from None
     if (_minari_root() / dataset_id).is_dir():  # present, but Minari cannot list it
         raise _corrupt(dataset_id, ValueError("its data/metadata.json is missing or not valid JSON"))
@@ -350,13 +355,19 @@ class OfflineData:
         _check_sizes(dataset)
         try:
             episodes = list(dataset.iterate_episodes())
-        except (OSError, RuntimeError, ValueError, KeyError, MemoryError) as e:  # damaged after it was opened
+        except _READ_ERRORS as e:  # damaged after it was opened
             raise _corrupt(dataset.spec.dataset_id, e) from None
         for k, ep in enumerate(episodes):
             o = np.asarray(ep.observations, dtype=np.float32)
             if o.ndim != 2:
                 raise ValueError(f"{dataset.spec.dataset_id}: only flat Box observations are supported, got shape {o.shape[1:]}")
             n = len(ep.actions)
+            lengths = dict(observations=len(o) - 1, rewards=len(ep.rewards), terminations=len(ep.terminations),
+                           truncations=len(ep.truncations))
+            if any(v != n for v in lengths.values()):  # a damaged header can change one array's length
+                raise _corrupt(dataset.spec.dataset_id, ValueError(
+                    f"episode {k} has {n} actions but " + ", ".join(f"{v} {f}" for f, v in lengths.items())
+                    + " (observations counted less the final one)"))
             obs.append(o[:n]), nxt.append(o[1:n + 1]), act.append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
             rew.append(np.asarray(ep.rewards, dtype=np.float32)), term.append(np.asarray(ep.terminations, dtype=bool))
             trunc.append(np.asarray(ep.truncations, dtype=bool)), eid.append(np.full(n, k))
@@ -490,7 +501,7 @@ def _check_sizes(dataset) -> None:
 
         with h5py.File(path, "r") as f:
             f.visititems(visit)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+    except _READ_ERRORS as e:
         raise _corrupt(did, e) from None
     if bad:
         raise _corrupt(did, ValueError(f"{bad[0]}, more than the dataset's {limit - 1} steps"))

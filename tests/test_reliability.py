@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from diffpolicy.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
@@ -154,7 +154,13 @@ def test_a_damaged_dataset_is_a_clear_error_that_changes_nothing(dataset_copy, d
     assert len(_open("diffpolicy/pendulum/medium-v0")) == 2000  # the others still load
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomized: CI sees the same cases every run (benchmarks/fuzz_datasets.py explores further);
+# each case a random run once found is kept as an @example
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(cut=0.0, flips=[(0.044724141022104424, 1)])  # a header flip: one episode's rewards 2001 rows, actions 2000
+@example(cut=0.0, flips=[(0.6529031312643157, 229), (0.6204388994237608, 101), (0.4660355419765039, 166),
+                         (0.004890780275665252, 30), (0.5066370672973162, 237)])  # Minari asserts on a group
 @given(cut=st.floats(0, 1, exclude_max=True), flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
                                                                        st.integers(1, 255)), max_size=6))
 def test_fuzzed_dataset_files_load_or_give_our_errors(dataset_copy, cut, flips):
