@@ -23,7 +23,12 @@ float32 rounding alone is ~1e-4 absolute; the max abs/rel differences are in the
 interleaves the three variants round-robin (shuffled order each round, after warmup) so machine
 noise hits them alike, and reports the median time per full sampling. Ratios: ours / reference.
 
-Usage: ``python benchmarks/sampler_speed.py --json PATH [--md PATH] [--repeats R] [--threads T]``
+With ``--device cuda`` everything runs on the GPU (each timed call ends with a synchronise) and a
+fourth variant is added: ``graphed``, the same sampling through ``diffpolicy.graphs.GraphedSampler``
+(the whole chain replayed from one CUDA graph); its ratio to ``ours`` is ``graphed_ratio_vs_ours``.
+The CPU targets do not apply on a GPU and are reported as "n/a" there.
+
+Usage: ``python benchmarks/sampler_speed.py --json PATH [--md PATH] [--repeats R] [--threads T] [--device D]``
 (``--repeats`` scales the rounds: R at batch 1, max(R // 6, 10) at batch 256; default 200).
 """
 from __future__ import annotations
@@ -41,6 +46,7 @@ import diffusers
 import torch
 
 from diffpolicy.denoiser import Denoiser
+from diffpolicy.graphs import GraphedSampler
 from diffpolicy.nets.mlp import MLPDenoiser
 from diffpolicy.samplers import sample_ddim
 from diffpolicy.schedules import DiscreteVP
@@ -49,17 +55,17 @@ STEPS, X_DIM, OBS_DIM, SPACING = 20, 3, 11, "trailing"
 TARGETS = {"batch1_ratio_vs_bare": 1.25, "batch1_ratio_vs_diffusers": 0.6, "batch256_ratio_vs_bare": 1.05}
 
 
-def make_variants(net, B: int, seed: int = 0):
+def make_variants(net, B: int, seed: int = 0, device="cpu"):
     schedule = DiscreteVP(1000)
     denoiser, ts = Denoiser(net, schedule, "eps"), schedule.timesteps(STEPS, spacing=SPACING)
     g = torch.Generator().manual_seed(seed)
-    x0, obs = torch.randn(B, X_DIM, generator=g), torch.randn(B, OBS_DIM, generator=g)
-    t_bare = [torch.full((B,), float(t)) for t in ts[:-1].tolist()]
+    x0, obs = torch.randn(B, X_DIM, generator=g).to(device), torch.randn(B, OBS_DIM, generator=g).to(device)
+    t_bare = [torch.full((B,), float(t), device=device) for t in ts[:-1].tolist()]
     x_bare = []  # the inputs our sampler feeds the net, so bare runs the very same forwards
     sample_ddim(denoiser, x0, ts, cond=obs, callback=lambda d: x_bare.append(d["x"].clone()))
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", set_alpha_to_one=True,
                                      clip_sample=False, timestep_spacing=SPACING)
-    sched.set_timesteps(STEPS)
+    sched.set_timesteps(STEPS, device=device)
 
     def run_ours():
         return sample_ddim(denoiser, x0, ts, cond=obs)
@@ -76,7 +82,11 @@ def make_variants(net, B: int, seed: int = 0):
             x = sched.step(eps, t, x).prev_sample
         return x
 
-    return {"ours": run_ours, "bare": run_bare, "diffusers": run_diffusers}
+    variants = {"ours": run_ours, "bare": run_bare, "diffusers": run_diffusers}
+    if torch.device(device).type == "cuda":
+        graphed = GraphedSampler(denoiser, (B, X_DIM), ts, "ddim", cond=obs)
+        variants["graphed"] = lambda: graphed(obs, x0)
+    return variants
 
 
 def cpu_name() -> str:
@@ -87,14 +97,16 @@ def cpu_name() -> str:
         return platform.machine()
 
 
-def measure(variants: dict, rounds: int, warmup: int) -> dict:
+def measure(variants: dict, rounds: int, warmup: int, sync=lambda: None) -> dict:
     times = {k: [] for k in variants}
     names, rng = list(variants), random.Random(0)
     for r in range(warmup + rounds):
         rng.shuffle(names)
         for k in names:
+            sync()
             t0 = time.perf_counter_ns()
             variants[k]()
+            sync()
             if r >= warmup:
                 times[k].append((time.perf_counter_ns() - t0) / 1e6)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -106,39 +118,53 @@ def main(argv=None):
     p.add_argument("--md", default=None, help="Markdown table path (default: JSON path with .md)")
     p.add_argument("--repeats", type=int, default=200, help="rounds at batch 1 (batch 256: R // 6)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cuda adds the CUDA-graph variant)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = MLPDenoiser(x_dim=X_DIM, obs_dim=OBS_DIM).eval()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    net = MLPDenoiser(x_dim=X_DIM, obs_dim=OBS_DIM).eval().to(device)
     ms, diff = {}, {}
     with torch.no_grad():
         for B, rounds in ((1, args.repeats), (256, max(args.repeats // 6, 10))):
-            v = make_variants(net, B)
+            v = make_variants(net, B, device=device)
             a, b = v["ours"](), v["diffusers"]()
             diff[B] = {"abs": float((a - b).abs().max()), "rel": float(((a - b) / b).abs().max())}
             assert torch.allclose(a, b, atol=1e-4), f"batch {B}: ours and diffusers differ by {diff[B]}"
-            ms[B] = measure(v, rounds, warmup=max(rounds // 10, 3))
+            if cuda:
+                c = v["graphed"]()
+                diff[B]["graphed_abs"] = float((c - a).abs().max())
+                assert torch.allclose(c, a, atol=1e-4), f"batch {B}: graphed and eager differ by {diff[B]}"
+            ms[B] = measure(v, rounds, warmup=max(rounds // 10, 3), sync=sync)
     ratios = {"batch1_ratio_vs_bare": ms[1]["ours"] / ms[1]["bare"],
               "batch1_ratio_vs_diffusers": ms[1]["ours"] / ms[1]["diffusers"],
               "batch256_ratio_vs_bare": ms[256]["ours"] / ms[256]["bare"]}
+    if cuda:
+        ratios.update({f"batch{B}_graphed_ratio_vs_ours": ms[B]["graphed"] / ms[B]["ours"] for B in ms})
     res = {**{k: round(r, 4) for k, r in ratios.items()},
            "batch1_ms": {k: round(t, 4) for k, t in ms[1].items()},
            "batch256_ms": {k: round(t, 4) for k, t in ms[256].items()},
-           "targets": {k: {"target": t, "value": round(ratios[k], 4), "met": bool(ratios[k] <= t)}
+           "targets": {k: {"target": t, "value": round(ratios[k], 4), "met": bool(ratios[k] <= t) if not cuda else None}
                        for k, t in TARGETS.items()},
+           "device": torch.cuda.get_device_name(device) if cuda else "cpu",
            "diff_vs_diffusers": {f"batch{B}": d for B, d in diff.items()},
            "steps": STEPS, "spacing": SPACING, "repeats": args.repeats, "torch": torch.__version__,
            "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
            "machine": f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}; CPU "
                       f"shared with other work, so timings are medians of interleaved rounds"}
-    lines = [f"DDIM {STEPS} {SPACING} steps, MLPDenoiser(3, obs 11), {res['threads']} thread(s), torch {res['torch']}",
-             "", "| batch | ours (ms) | bare (ms) | diffusers (ms) | ours/bare | ours/diffusers |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    g_head, g_sep = (" graphed (ms) | graphed/ours |", "---:|---:|") if cuda else ("", "")
+    lines = [f"DDIM {STEPS} {SPACING} steps, MLPDenoiser(3, obs 11), {res['device']}, {res['threads']} thread(s), "
+             f"torch {res['torch']}", "",
+             f"| batch | ours (ms) | bare (ms) | diffusers (ms) | ours/bare | ours/diffusers |{g_head}",
+             f"|---:|---:|---:|---:|---:|---:|{g_sep}"]
     lines += [f"| {B} | {m['ours']:.3f} | {m['bare']:.3f} | {m['diffusers']:.3f} | {m['ours'] / m['bare']:.3f} | "
-              f"{m['ours'] / m['diffusers']:.3f} |" for B, m in ms.items()]
-    lines += ["", "| target | value | goal | met |", "|---|---:|---:|:---:|"]
-    lines += [f"| {k} | {t['value']:.3f} | <= {t['target']} | {'yes' if t['met'] else 'no'} |"
-              for k, t in res["targets"].items()]
+              f"{m['ours'] / m['diffusers']:.3f} |" + (f" {m['graphed']:.3f} | {m['graphed'] / m['ours']:.3f} |"
+                                                       if cuda else "") for B, m in ms.items()]
+    lines += ["", "| target (CPU) | value | goal | met |", "|---|---:|---:|:---:|"]
+    lines += [f"| {k} | {t['value']:.3f} | <= {t['target']} | "
+              f"{'n/a (GPU)' if t['met'] is None else 'yes' if t['met'] else 'no'} |" for k, t in res["targets"].items()]
     md = "\n".join(lines) + "\n"
     print(md)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same cases on every run ("ci", the default), so a red CI is always a
+# real, reproducible failure; HYPOTHESIS_PROFILE=explore draws fresh random cases (run it locally
+# to look for new failures, then keep each as an @example).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
