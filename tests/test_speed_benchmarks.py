@@ -1,0 +1,24 @@
+"""The speed scripts run end to end on CPU and write what their docstrings promise (the figures
+themselves come from the scripts, not from tests)."""
+import json
+
+
+def test_train_step_benchmark_writes_ratios(load_benchmark, tmp_path):
+    bench = load_benchmark("train_step")
+    out = tmp_path / "ts.json"
+    res = bench.main(["--json", str(out), "--rounds", "2", "--warmup", "1", "--variants", "fp32", "bf16",
+                      "--jobs", "diffusion_bc", "image_ddpm_v"])
+    assert json.loads(out.read_text()) == res
+    for job in ("diffusion_bc", "image_ddpm_v"):
+        ms = res["ms_per_step"][job]
+        assert set(ms) == {"fp32", "bf16"} and all(v > 0 for v in ms.values())
+        assert abs(res["ratio_vs_fp32"][job]["bf16"] - ms["bf16"] / ms["fp32"]) < 1e-3
+    md = out.with_suffix(".md").read_text()
+    assert "| diffusion_bc |" in md and "bf16/fp32" in md
+
+
+def test_sampler_speed_benchmark_cpu(load_benchmark, tmp_path):
+    bench = load_benchmark("sampler_speed")
+    res = bench.main(["--json", str(tmp_path / "s.json"), "--repeats", "12"])
+    assert res["device"] == "cpu" and "graphed" not in res["batch1_ms"]  # the script asserts ours == diffusers
+    assert all(t["met"] in (True, False) for t in res["targets"].values())
