@@ -333,6 +333,8 @@ def _image_command(args) -> int:
 @dataclasses.dataclass
 class ImageFinetuneRun:
     reward: str = "brightness"      # class, brightness, contrast, compressibility, incompressibility
+    target_class: int = 0           # class: the digit asked for when sampling unconditionally (num_classes=0);
+                                    # conditional samples are asked for their own label
     iterations: int = 100           # tuner iterations (one batch of samples each)
     checkpoint_every: int = 10
 
@@ -349,7 +351,8 @@ def _image_finetune(args, run) -> int:
     cls = image_tuner_class(args.method)
     conf = load_sections({"agent": cls.config_class, "run": ImageFinetuneRun}, args.config, args.overrides)
     t_cfg, model, step = load_pretrained(args.source)
-    reward = make_reward(conf["run"].reward)
+    run_cfg = conf["run"]
+    reward = make_reward(run_cfg.reward, **({"target": run_cfg.target_class} if run_cfg.reward == "class" else {}))
     tuner = cls(model, reward, t_cfg.size, conf["agent"])
     before = tuner.evaluate(256, seed=1)["reward_mean"]
     tuner.fit(conf["run"].iterations, run_dir=run, progress=args.progress, checkpoint_every=conf["run"].checkpoint_every)

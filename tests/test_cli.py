@@ -99,6 +99,11 @@ def test_image_pretrain_then_sample_and_clear_errors(tmp_path, capsys):
     assert json.loads((tuned / "model.json").read_text())["kind"] == "tuned"
     assert main(["image", "sample", str(tuned), "--n", "10", "--out", str(tmp_path / "t.png")]) == 0
     assert "10 samples of ddpo (ddpm, 4 steps)" in capsys.readouterr().out
+    steer = tmp_path / "steer"  # unconditional samples toward one digit
+    assert main(["image", "finetune", "draft", str(steer), "--from", str(run), "reward=class", "target_class=3",
+                 "num_classes=0", "iterations=1", "batch_size=4", "sampling_steps=3", "--no-progress"]) == 0
+    assert "draft on class: reward" in capsys.readouterr().out
+    assert json.loads((steer / "model.json").read_text())["reward_before"] < -0.5  # a 3 is one digit in ten
     assert main(["image", "finetune", "ddpoo", str(tuned), "--from", str(run)]) == 2
     assert "did you mean 'ddpo'" in capsys.readouterr().err
     assert main(["image", "distill", str(student), "--teacher", str(run), "method=magic"]) == 2

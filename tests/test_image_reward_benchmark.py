@@ -11,19 +11,26 @@ def bench(load_benchmark):
 
 
 def test_tiny_run_writes_the_issue_json_and_resumes(bench, tmp_path):
-    args = ["--quick", "--rewards", "brightness", "compressibility", "--methods", "ddpo_is", "draft",
+    args = ["--quick", "--rewards", "digit0", "compressibility", "--methods", "ddpo_is", "draft", "--kl-weights", "1",
             "--samples", "32", "--batch-size", "16", "--sampling-steps", "3", "--eval-every", "1",
             "--pretrain-steps", "20", "--pretrained-run", str(tmp_path / "pre"), "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "res" / "image_reward"), "--no-progress"]
     bench.main(args)
     saved = json.loads((tmp_path / "res" / "image_reward.json").read_text())
-    assert set(saved["results"]["brightness"]) == {"ddpo_is", "draft", "ddpo_is+kl", "draft+kl"}
-    assert set(saved["results"]["compressibility"]) == {"ddpo_is", "ddpo_is+kl"}  # DRaFT needs gradients
+    assert set(saved["results"]["digit0"]) == {"ddpo_is", "draft", "ddpo_is+kl1", "draft+kl1"}
+    assert set(saved["results"]["compressibility"]) == {"ddpo_is", "ddpo_is+kl1"}  # DRaFT needs gradients
+    for r in saved["results"]["digit0"].values():  # unconditional samples steered toward zeros
+        assert 0 <= r["target_fraction_before"] <= 1 and 0 <= r["target_fraction_after"] <= 1
+        assert r["reward_before"] < -1  # a 0 is one digit in ten: far from the reward's ceiling of 0
+    assert "target_fraction_before" not in saved["results"]["compressibility"]["ddpo_is"]
     for runs in saved["results"].values():
         for r in runs.values():
             assert {"reward_before", "reward_after", "fid_before", "fid_after", "samples", "seconds"} <= set(r)
             assert r["samples"] == 32 and r["fid_before"] > 0 and r["curve"][0]["samples"] == 0
-    assert "draft+kl_fid_drift" in saved["targets"]["brightness"]
+    assert "draft+kl1_fid_drift" in saved["targets"]["digit0"]
+    best = saved["targets"]["digit0"]["kl_best"]
+    assert best["method"] in ("ddpo_is+kl1", "draft+kl1") and best["met"] == (best["fid_drift"] <= 1.5
+                                                                             and best["margin_in_std"] >= 2)
     files = sorted((tmp_path / "res" / "image_reward_runs").rglob("*.json"))
     stamps = [f.stat().st_mtime_ns for f in files]
     bench.main(args)
