@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffpolicy-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-toy test bench clean
+.PHONY: lint install demo demo-toy test bench clean
 
 install: $(STAMP)
 
@@ -36,8 +36,11 @@ demo: $(STAMP)
 demo-toy: $(STAMP)
 	$(VENV)/bin/diffpolicy toy-demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check diffpolicy agents envs benchmarks tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_speed.py --json benchmarks/results/sampler_speed.json

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 
 import torch
 from torch import Tensor

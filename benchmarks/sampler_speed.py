@@ -37,9 +37,7 @@ import argparse
 import json
 import os
 import platform
-import random
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import diffusers
@@ -50,6 +48,9 @@ from diffpolicy.graphs import GraphedSampler
 from diffpolicy.nets.mlp import MLPDenoiser
 from diffpolicy.samplers import sample_ddim
 from diffpolicy.schedules import DiscreteVP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, shared
+from timing import measure  # noqa: E402
 
 STEPS, X_DIM, OBS_DIM, SPACING = 20, 3, 11, "trailing"
 TARGETS = {"batch1_ratio_vs_bare": 1.25, "batch1_ratio_vs_diffusers": 0.6, "batch256_ratio_vs_bare": 1.05}
@@ -95,21 +96,6 @@ def cpu_name() -> str:
         return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
     except (OSError, StopIteration):
         return platform.machine()
-
-
-def measure(variants: dict, rounds: int, warmup: int, sync=lambda: None) -> dict:
-    times = {k: [] for k in variants}
-    names, rng = list(variants), random.Random(0)
-    for r in range(warmup + rounds):
-        rng.shuffle(names)
-        for k in names:
-            sync()
-            t0 = time.perf_counter_ns()
-            variants[k]()
-            sync()
-            if r >= warmup:
-                times[k].append((time.perf_counter_ns() - t0) / 1e6)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None):

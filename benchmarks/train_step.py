@@ -23,13 +23,14 @@ import argparse
 import copy
 import json
 import platform
-import random
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 from tensordict import TensorDict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, shared
+from timing import measure  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "compile")
 OBS, ACT, BATCH = 11, 3, 256
@@ -92,20 +93,6 @@ def image_steps(device, variants) -> dict:
             ema.update(den)
         steps[v] = step
     return steps
-
-
-def measure(steps: dict, rounds: int, warmup: int, sync) -> dict:
-    times, names, rng = {k: [] for k in steps}, list(steps), random.Random(0)
-    for r in range(warmup + rounds):
-        rng.shuffle(names)
-        for k in names:
-            sync()
-            t0 = time.perf_counter_ns()
-            steps[k]()
-            sync()
-            if r >= warmup:
-                times[k].append((time.perf_counter_ns() - t0) / 1e6)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> dict:

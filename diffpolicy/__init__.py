@@ -15,3 +15,11 @@ from .schedules import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [  # the core's public names; agents, envs, images and distillation live in their subpackages
+    "CFGDenoiser", "ClassifierGuidance", "ClipX0", "ConsistencyPrecond", "Denoiser", "DenoiserBase", "EDMPrecond",
+    "LCMPrecond", "TrigFlowPrecond", "EMA", "DenoisingLoss", "consistency_distillation_loss",
+    "consistency_training_loss", "diffusion_loss", "flow_matching_loss", "trigflow_loss", "sliced_wasserstein",
+    "SAMPLERS", "prior", "sample", "EDM", "SCHEDULES", "VE", "VPSDE", "DiscreteVP", "RectifiedFlow", "Schedule",
+    "TrigFlow", "make_schedule",
+]

@@ -7,7 +7,7 @@ import torch
 from diffpolicy import Denoiser
 from diffpolicy import schedules as S
 from diffpolicy.graphs import GraphedSampler, noise_draws
-from diffpolicy.samplers import consistency_timesteps, prior, run_sampler
+from diffpolicy.samplers import prior, run_sampler
 from diffpolicy.toys import GaussianMixtureDenoiser
 from gaussian_toy import COV, MU, N, GaussianFlowMap, moments_ok
 

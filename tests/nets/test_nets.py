@@ -1,7 +1,6 @@
 """Tests for diffpolicy.nets: shapes, time/cond dependence, CFG dropout, input
 validation, a tiny overfitting check and gradient flow.  All nets are tiny."""
 
-import math
 
 import numpy as np
 import pytest
