@@ -17,7 +17,10 @@ What is measured (``python benchmarks/image_reward.py``; ``--quick`` is a smoke 
   (``digit0``: at most (0 - mean) / std = 1.65); the target fraction is the readable figure.
 * Each run gets ``--samples`` training images; the mean reward of 128 fixed-seed images is
   recorded every ``--eval-every`` iterations; before and after: the reward mean / std over 512
-  images and the FID (digit features) of 1000 images against the held-out digits.
+  images, and the FID and precision (Kynkaanniemi et al. 2019: the fraction of samples inside the
+  real digits' feature manifold) of 1000 images against the held-out digits. FID also grows when
+  a reward narrows the distribution on purpose (``digit0``: zeros only), precision does not: it
+  is the quality figure to read there.
 
 Each (reward, method) run writes ``results/image_reward_runs/<reward>/<method>.json`` and
 resumes from its run directory; the table is assembled from whatever exists.
@@ -106,10 +109,16 @@ def target_fraction(tuner, model=None) -> float | None:
 
 def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path, result_root: Path) -> dict | None:
     path = result_root / reward_name / f"{method}.json"
-    if path.exists() and json.loads(path.read_text())["samples"] >= args.samples:
-        return json.loads(path.read_text())
+    old = json.loads(path.read_text()) if path.exists() else None
     reward, tuner_options = bench_reward(reward_name)
     tuner = make_tuner(method, model, reward, args, **tuner_options)
+    if old is not None and old["samples"] >= args.samples:
+        if "precision_after" not in old:  # a result from before precision was recorded: add it
+            tuner.fit(old["iterations"], run_dir=run_root / reward_name / method, progress=False)  # loads the end
+            old["precision_before"] = metrics.evaluate(*tuner.sample(1000, seed=2, model=model))["precision"]
+            old["precision_after"] = metrics.evaluate(*tuner.sample(1000, seed=2))["precision"]
+            path.write_text(json.dumps(old, indent=1))
+        return old
     # one batch per iteration (DDPO-IS: per inner_epochs iterations), so every method sees args.samples images
     iterations = max(1, round(args.samples / args.batch_size)) * getattr(tuner.config, "inner_epochs", 1)
 
@@ -118,7 +127,7 @@ def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path,
 
     before = score(512, 1, model)
     fraction_before = target_fraction(tuner, model)
-    fid_before = metrics.evaluate(*tuner.sample(1000, seed=2, model=model))["fid"]
+    quality_before = metrics.evaluate(*tuner.sample(1000, seed=2, model=model))
     curve, steps = [], list(range(0, iterations + 1, args.eval_every)) or [0]
     if steps[-1] != iterations:
         steps.append(iterations)
@@ -132,10 +141,12 @@ def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path,
         curve.append({"samples": tuner.samples(it), "reward": score(128, 3)["reward_mean"]})
     after = score(512, 1)
     fraction_after = target_fraction(tuner)
-    fid_after = metrics.evaluate(*tuner.sample(1000, seed=2))["fid"]
+    quality_after = metrics.evaluate(*tuner.sample(1000, seed=2))
     result = {"reward": reward_name, "method": method, "reward_before": before["reward_mean"],
               "reward_before_std": before["reward_std"], "reward_after": after["reward_mean"],
-              "reward_after_std": after["reward_std"], "fid_before": fid_before, "fid_after": fid_after,
+              "reward_after_std": after["reward_std"], "fid_before": quality_before["fid"],
+              "fid_after": quality_after["fid"], "precision_before": quality_before["precision"],
+              "precision_after": quality_after["precision"],
               "samples": tuner.samples(iterations), "iterations": iterations, "seconds": train_seconds,
               "wall_seconds": time.perf_counter() - start, "curve": curve, "kl_weight": kl_weight(method)}
     if fraction_before is not None:
@@ -186,12 +197,14 @@ def write_outputs(report: dict, out: Path) -> None:
     for reward, runs in report["results"].items():
         frac = any("target_fraction_after" in r for r in runs.values())
         lines += [f"## {reward}", "", "| method | reward before | reward after | margin (std) | FID before | FID after "
-                  "| samples | train s |" + (" target class before | after |" if frac else ""),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if frac else "")]
+                  "| precision before | after | samples | train s |" + (" target class before | after |" if frac else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if frac else "")]
         for m, r in runs.items():
             margin = (r["reward_after"] - r["reward_before"]) / max(r["reward_before_std"], 1e-12)
+            prec = (f"{r['precision_before']:.2f} | {r['precision_after']:.2f}" if "precision_after" in r else "— | —")
             lines.append(f"| {m} | {r['reward_before']:.3f} ± {r['reward_before_std']:.3f} | {r['reward_after']:.3f} | "
-                         f"{margin:.1f} | {r['fid_before']:.1f} | {r['fid_after']:.1f} | {r['samples']} | {r['seconds']:.0f} |"
+                         f"{margin:.1f} | {r['fid_before']:.1f} | {r['fid_after']:.1f} | {prec} | {r['samples']} | "
+                         f"{r['seconds']:.0f} |"
                          + (f" {r['target_fraction_before']:.1%} | {r['target_fraction_after']:.1%} |" if frac else ""))
         lines.append("")
     lines += ["## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report["budget"]]

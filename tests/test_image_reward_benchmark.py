@@ -27,6 +27,7 @@ def test_tiny_run_writes_the_issue_json_and_resumes(bench, tmp_path):
         for r in runs.values():
             assert {"reward_before", "reward_after", "fid_before", "fid_after", "samples", "seconds"} <= set(r)
             assert r["samples"] == 32 and r["fid_before"] > 0 and r["curve"][0]["samples"] == 0
+            assert 0 <= r["precision_before"] <= 1 and 0 <= r["precision_after"] <= 1
     assert "draft+kl1_fid_drift" in saved["targets"]["digit0"]
     best = saved["targets"]["digit0"]["kl_best"]
     assert best["method"] in ("ddpo_is+kl1", "draft+kl1") and best["met"] == (best["fid_drift"] <= 1.5
@@ -35,3 +36,13 @@ def test_tiny_run_writes_the_issue_json_and_resumes(bench, tmp_path):
     stamps = [f.stat().st_mtime_ns for f in files]
     bench.main(args)
     assert [f.stat().st_mtime_ns for f in files] == stamps and len(files) == 6
+    # a result written before precision was recorded gets it from its run's final checkpoint
+    old = json.loads(files[0].read_text())
+    for k in ("precision_before", "precision_after"):
+        old.pop(k)
+    files[0].write_text(json.dumps(old))
+    bench.main(args)
+    again = json.loads(files[0].read_text())
+    first = json.loads(json.dumps(saved["results"]))[again["reward"]][again["method"]]
+    assert again["precision_after"] == first["precision_after"]  # the final weights, not a retrained model
+    assert again["precision_before"] == first["precision_before"]
