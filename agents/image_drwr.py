@@ -6,6 +6,13 @@ images with weights ``exp(beta * A)``, ``A`` the per-context standardised reward
 ``max_weight`` (:func:`~diffpolicy.advantage.reward_weights`) and normalised by their mean:
 ``E[w * diffusion_loss(x0, c)]`` (:class:`~diffpolicy.chain_losses.RewardWeightedLoss`). The
 reward need not be differentiable.
+
+Regressing on its own samples gives the model no restoring force: the samples move with the
+model, so the gradient noise that Adam turns into full-size steps accumulates and feeds back
+into the next samples. Measured on the digits model (lr 1e-4, 20 DDPM steps, batch 32, uniform
+weights, 32 iterations): FID 8.6 -> 595 (DDIM samples: 8.0 -> 655); lr 1e-5: -> 16; with the KL
+anchor (``kl_weight``) 1: -> 33, 10: -> 9.2. Use ``kl_weight`` (or a small ``lr``) for any run
+longer than a few iterations.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ What is measured (``python benchmarks/image_reward.py``; ``--quick`` is a smoke 
 * The pre-trained model is the image benchmark's DDPM v-prediction teacher
   (``benchmarks/runs/images/teachers/ddpm_v``; trained here with the same settings if absent).
 * Methods (``diffpolicy.agents``): DDPO-SF, DDPO-IS (2 inner epochs), DRaFT-K (K = 2), ReFL,
-  DRWR, and for each of ``--kl-weights`` KL-regularised copies of DDPO-IS and DRaFT
+  DRWR, and for each of ``--kl-weights`` KL-regularised copies of DDPO-IS, DRaFT and DRWR
   (``<method>+kl<weight>``). Differentiable methods run only on differentiable rewards.
 * Rewards (``diffpolicy.images.rewards``, table ``BENCH_REWARDS``): ``digit0``, the digit
   classifier's log-probability of a 0 for unconditional samples (the null label: the model is
@@ -52,7 +52,7 @@ BENCH_REWARDS = {  # name -> (diffpolicy reward, its options, tuner options)
     "class": ("class", {}, {}),
 }
 REWARDS = ["digit0", "brightness", "compressibility"]
-KL_METHODS = ("ddpo_is", "draft")
+KL_METHODS = ("ddpo_is", "draft", "drwr")
 
 
 def bench_reward(name: str):
@@ -241,7 +241,7 @@ def main(argv=None):
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kl-weights", type=float, nargs="*", default=[0.1, 1.0, 10.0],
-                   help="a '+kl<w>' copy of DDPO-IS and DRaFT per weight (none: no KL runs)")
+                   help="a '+kl<w>' copy of DDPO-IS, DRaFT and DRWR per weight (none: no KL runs)")
     p.add_argument("--eval-every", type=int, default=16, help="iterations between curve points")
     p.add_argument("--pretrain-steps", type=int, default=4000)
     p.add_argument("--base-channels", type=int, default=16)
