@@ -128,7 +128,7 @@ def run_student(method: str, args, metrics, run_root: Path, result_root: Path) -
     path = result_root / "students" / f"{method}.json"
     if path.exists() and (old := json.loads(path.read_text()))["student_steps_trained"] >= args.student_steps:
         return old
-    teacher = load_teacher(STUDENTS[method], args, run_root)
+    teacher = load_teacher(args.teacher_of[method], args, run_root)
     for p in teacher.parameters():
         p.requires_grad_(False)
     trained = train_students(method, teacher, args, run_root / "students" / method)
@@ -149,7 +149,7 @@ def run_student(method: str, args, metrics, run_root: Path, result_root: Path) -
         if method == "dmd":
             ev["sampler"] = "one_step"
         train_seconds = trained[0][0]["train_seconds"]
-    result = {"method": method, "teacher": STUDENTS[method], "student_steps_trained": args.student_steps,
+    result = {"method": method, "teacher": args.teacher_of[method], "student_steps_trained": args.student_steps,
               "train_seconds": train_seconds, **ev}
     _write(path, result)
     return result
@@ -265,6 +265,8 @@ def main(argv=None):
     p.add_argument("--pair-steps", type=int, default=32, help="ODE steps per pair")
     p.add_argument("--dmd-fake-updates", type=int, default=2)
     p.add_argument("--dmd-regression", type=float, default=0.25)
+    p.add_argument("--teacher", nargs="+", default=[], metavar="STUDENT=FAMILY",
+                   help="distil a student from another teacher, e.g. pd=trigflow (defaults: STUDENTS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default=None)
     p.add_argument("--out", default=None)
@@ -273,6 +275,13 @@ def main(argv=None):
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     given = argv if argv is not None else sys.argv
+    args.teacher_of = dict(STUDENTS)
+    for item in args.teacher:
+        student, _, family = item.partition("=")
+        if student not in STUDENTS or family not in TEACHER_SAMPLERS:
+            p.error(f"--teacher {item!r}: want STUDENT=FAMILY with STUDENT in {', '.join(STUDENTS)} and FAMILY in "
+                    f"{', '.join(TEACHER_SAMPLERS)}")
+        args.teacher_of[student] = family
     if args.quick:
         for name, value in (("pretrain_steps", 300), ("student_steps", 40), ("base_channels", 8), ("samples", 200),
                             ("max_nfe", 8), ("pairs", 256), ("pair_steps", 8), ("pd_start", 8), ("cd_scales", 10),
@@ -303,7 +312,7 @@ def main(argv=None):
             best = min((f, n, s) for s, ev in r["samplers"].items() for f, n in zip(ev["fid"], ev["nfe"]))
             print(f"[{fam}] best FID {best[0]:.2f} ({best[2]}, NFE {best[1]})", flush=True)
 
-        needed = {STUDENTS[m] for m in args.students}  # the students' teachers, then the students, then the rest
+        needed = {args.teacher_of[m] for m in args.students}  # the students' teachers, then the students, then the rest
         for fam in [f for f in args.families if f in needed]:
             teacher(fam)
         for m in args.students:

@@ -36,3 +36,13 @@ def test_tiny_run_writes_the_issue_json_and_resumes(bench, tmp_path):
     stamps = [f.stat().st_mtime_ns for f in files]
     bench.main(args)
     assert [f.stat().st_mtime_ns for f in files] == stamps and len(files) == 2 + len(bench.STUDENTS)
+
+
+def test_a_student_can_take_another_teacher(bench, tmp_path):
+    args = TINY + ["--families", "rf", "--students", "pd", "--teacher", "pd=rf", "--runs", str(tmp_path / "runs"),
+                   "--out", str(tmp_path / "res" / "images")]
+    saved = bench.main(args)
+    assert saved["students"]["pd"]["teacher"] == "rf"  # its target ratio is taken against rf's best FID
+    assert saved["targets"]["best_1_step_student"]["teacher_best_fid"] == min(saved["teachers"]["rf/rf_euler"]["fid"])
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--teacher", "pd=nope"])
