@@ -124,14 +124,20 @@ def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict
                           reflow_dir=run_dir.parent / "reflow")
 
 
+def student_name(method: str, family: str) -> str:
+    """A student's name in the results: the method, or ``<method>_<teacher>`` for a non-default teacher."""
+    return method if family == STUDENTS[method] else f"{method}_{family}"
+
+
 def run_student(method: str, args, metrics, run_root: Path, result_root: Path) -> dict:
-    path = result_root / "students" / f"{method}.json"
+    name = student_name(method, args.teacher_of[method])
+    path = result_root / "students" / f"{name}.json"
     if path.exists() and (old := json.loads(path.read_text()))["student_steps_trained"] >= args.student_steps:
         return old
     teacher = load_teacher(args.teacher_of[method], args, run_root)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    trained = train_students(method, teacher, args, run_root / "students" / method)
+    trained = train_students(method, teacher, args, run_root / "students" / name)
     sampler = STUDENT_SAMPLER[method]
     if method == "pd":  # each round's student at its own step count
         nfe, fid, acc, secs = [], [], [], []
@@ -149,7 +155,7 @@ def run_student(method: str, args, metrics, run_root: Path, result_root: Path) -
         if method == "dmd":
             ev["sampler"] = "one_step"
         train_seconds = trained[0][0]["train_seconds"]
-    result = {"method": method, "teacher": args.teacher_of[method], "student_steps_trained": args.student_steps,
+    result = {"method": name, "teacher": args.teacher_of[method], "student_steps_trained": args.student_steps,
               "train_seconds": train_seconds, **ev}
     _write(path, result)
     return result
@@ -164,7 +170,7 @@ def assemble(result_root: Path, floor: dict, ceiling: dict, budget: str) -> dict
     for p in sorted((result_root / "students").glob("*.json")):
         r = json.loads(p.read_text())
         students[r["method"]] = {k: r[k] for k in ("teacher", "sampler", "nfe", "fid", "class_accuracy",
-                                                     "sample_seconds", "train_seconds")}
+                                                     "sample_seconds", "train_seconds", "student_steps_trained")}
     report = {"floor_fid": floor["fid"], "ceiling_fid": ceiling["fid"], "teachers": teachers, "students": students,
               "budget": budget}
     report["targets"] = targets(report)
@@ -207,11 +213,13 @@ def write_outputs(report: dict, out: Path, grids: dict | None = None) -> None:
         row = {n: f for n, f in zip(t["nfe"], t["fid"])}
         cells = [f"{row[n]:.2f}" if n in row else "" for n in NFES]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {t['train_seconds'] or 0:.0f} |")
-    lines += ["", "## Students", "", "| student | teacher | NFE 1 | NFE 2 | NFE 4 | train s |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["", "## Students", "", "| student | teacher | NFE 1 | NFE 2 | NFE 4 | steps | train s |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for name, s in report["students"].items():
         row = {n: f for n, f in zip(s["nfe"], s["fid"])}
         cells = [f"{row[n]:.2f}" if n in row else "" for n in (1, 2, 4)]
-        lines.append(f"| {name} ({s['sampler']}) | {s['teacher']} | " + " | ".join(cells) + f" | {s['train_seconds']:.0f} |")
+        lines.append(f"| {name} ({s['sampler']}) | {s['teacher']} | " + " | ".join(cells)
+                     + f" | {s['student_steps_trained']} | {s['train_seconds']:.0f} |")
     lines += ["", "## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report.get("budget", "")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
@@ -303,7 +311,8 @@ def main(argv=None):
     floor = metrics.evaluate(xr[: args.samples], yr[: args.samples])  # the same sample size as the models
     ceiling = metrics.ceiling()
     budget = (f"Budget: teachers {args.pretrain_steps} steps (batch {args.batch_size}, U-Net base {args.base_channels}); "
-              f"students {args.student_steps} steps each (PD: per round, {args.pd_start} -> 1 steps); "
+              f"students {args.student_steps} steps each unless their row says otherwise (PD: per round, "
+              f"{args.pd_start} -> 1 steps); "
               f"{args.samples} samples per FID; {args.size}x{args.size} digits; seed {args.seed}.")
     grids = {}
     if not args.assemble:

@@ -42,7 +42,8 @@ def test_a_student_can_take_another_teacher(bench, tmp_path):
     args = TINY + ["--families", "rf", "--students", "pd", "--teacher", "pd=rf", "--runs", str(tmp_path / "runs"),
                    "--out", str(tmp_path / "res" / "images")]
     saved = bench.main(args)
-    assert saved["students"]["pd"]["teacher"] == "rf"  # its target ratio is taken against rf's best FID
+    assert saved["students"]["pd_rf"]["teacher"] == "rf"  # its target ratio is taken against rf's best FID
+    assert saved["students"]["pd_rf"]["student_steps_trained"] == 4
     assert saved["targets"]["best_1_step_student"]["teacher_best_fid"] == min(saved["teachers"]["rf/rf_euler"]["fid"])
     with pytest.raises(SystemExit):
         bench.main(TINY + ["--teacher", "pd=nope"])
