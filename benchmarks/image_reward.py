@@ -108,13 +108,16 @@ def target_fraction(tuner, model=None) -> float | None:
 
 
 def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path, result_root: Path) -> dict | None:
+    from diffpolicy.checkpoint import find_checkpoint
+
     path = result_root / reward_name / f"{method}.json"
     old = json.loads(path.read_text()) if path.exists() else None
     reward, tuner_options = bench_reward(reward_name)
     tuner = make_tuner(method, model, reward, args, **tuner_options)
     if old is not None and old["samples"] >= args.samples:
-        if "precision_after" not in old:  # a result from before precision was recorded: add it
-            tuner.fit(old["iterations"], run_dir=run_root / reward_name / method, progress=False)  # loads the end
+        run_dir = run_root / reward_name / method
+        if "precision_after" not in old and find_checkpoint(run_dir) is not None:  # recorded before precision was
+            tuner.fit(old["iterations"], run_dir=run_dir, progress=False)  # loads the final checkpoint, no training
             old["precision_before"] = metrics.evaluate(*tuner.sample(1000, seed=2, model=model))["precision"]
             old["precision_after"] = metrics.evaluate(*tuner.sample(1000, seed=2))["precision"]
             path.write_text(json.dumps(old, indent=1))
@@ -205,7 +208,8 @@ def write_outputs(report: dict, out: Path) -> None:
             lines.append(f"| {m} | {r['reward_before']:.3f} ± {r['reward_before_std']:.3f} | {r['reward_after']:.3f} | "
                          f"{margin:.1f} | {r['fid_before']:.1f} | {r['fid_after']:.1f} | {prec} | {r['samples']} | "
                          f"{r['seconds']:.0f} |"
-                         + (f" {r['target_fraction_before']:.1%} | {r['target_fraction_after']:.1%} |" if frac else ""))
+                         + ("".join(f" {r[k]:.1%} |" if k in r else " — |"
+                                    for k in ("target_fraction_before", "target_fraction_after")) if frac else ""))
         lines.append("")
     lines += ["## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report["budget"]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -120,8 +120,9 @@ def train_students(method: str, teacher, args, run_dir: Path) -> list[tuple[dict
                         lr=args.student_lr, pd_start=args.pd_start, cd_scales=args.cd_scales, pairs=args.pairs,
                         pair_steps=args.pair_steps, dmd_fake_updates=args.dmd_fake_updates,
                         dmd_regression=args.dmd_regression, seed=args.seed)
+    reflow_name = student_name("reflow", args.teacher_of[method]) if method == "instaflow" else "reflow"
     return distill_images(method, teacher, _data(args), cfg, run_dir=run_dir, progress=args.progress,
-                          reflow_dir=run_dir.parent / "reflow")
+                          reflow_dir=run_dir.parent / reflow_name)  # InstaFlow's reflow: its own teacher's
 
 
 def student_name(method: str, family: str) -> str:
@@ -322,7 +323,7 @@ def main(argv=None):
             print(f"[{fam}] best FID {best[0]:.2f} ({best[2]}, NFE {best[1]})", flush=True)
 
         needed = {args.teacher_of[m] for m in args.students}  # the students' teachers, then the students, then the rest
-        for fam in [f for f in args.families if f in needed]:
+        for fam in sorted(needed):  # a --teacher family outside --families is still trained and evaluated
             teacher(fam)
         for m in args.students:
             r = run_student(m, args, metrics, run_root, result_root)

@@ -116,7 +116,8 @@ class EDMPrecond(nn.Module):
 
     def forward(self, net, x, t, cond, schedule):
         alpha, sigma = schedule.alpha_sigma(t)
-        if bool((alpha == 0).any()):
+        # (the check reads the device; a CUDA graph being captured skips it: its warm-up ran it)
+        if not (alpha.is_cuda and torch.cuda.is_current_stream_capturing()) and bool((alpha == 0).any()):
             raise ValueError(f"{type(self).__name__} divides by alpha_t, which is 0 at t={float(t.max())} on the "
                              f"{schedule.name} schedule: start sampling below that time")
         xs = x / expand_like(alpha, x)

@@ -8,8 +8,9 @@ replayed with one launch: at small batch the GPU otherwise waits on Python and k
 :class:`GraphedSampler` fixes the batch shape, grid, sampler and its options. Inputs (initial
 noise, conditioning, and for stochastic samplers the per-step noise ``[draws, *shape]``) are
 copied into static buffers, the graph is replayed, and the output is cloned. The per-step
-noise is drawn outside the graph from the caller's generator, so graphed and eager sampling
-with the same generator give the same samples (up to kernel-level float differences).
+noise is drawn outside the graph, as one ``randn([draws, *shape])`` from the caller's generator:
+the samples equal eager sampling given the same ``x`` and that ``noise`` block (up to
+kernel-level float differences), though not eager sampling's own per-step draws.
 
 On a device other than CUDA the same object runs the sampler eagerly with the same inputs:
 code written against it runs everywhere. Capture needs ``torch.no_grad`` semantics (sampling
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import ClipX0, DenoiserBase
-from .samplers import SAMPLERS, prior, run_sampler
+from .samplers import SAMPLERS, prepare_grid, prior, run_sampler
 
 
 def noise_draws(sampler: str, n: int, **kwargs) -> int:
@@ -49,6 +50,9 @@ class GraphedSampler:
                  clip_x0: float | None = None, device=None, dtype=torch.float32, warmup: int = 3, **kwargs):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if warmup < 1:
+            raise ValueError("warmup must be >= 1: the first eager runs build the grid and its device tensors, "
+                             "which a capture cannot")
         if "callback" in kwargs or "noise" in kwargs:
             raise ValueError("a graphed sampler takes no callback or noise option: per-step noise is drawn for you")
         self.denoiser = ClipX0(denoiser, clip_x0) if clip_x0 is not None else denoiser
@@ -63,7 +67,7 @@ class GraphedSampler:
         if cond is not None and cond.shape[0] != self.shape[0]:
             raise ValueError(f"cond has batch size {cond.shape[0]} but shape has {self.shape[0]}")
         self.graphed = self.device.type == "cuda"
-        self._graph = None
+        self._graph, self._grid = None, None
         self._x = torch.empty(self.shape, device=self.device, dtype=dtype)
         self._noise = torch.empty((self.draws, *self.shape), device=self.device, dtype=dtype) if self.draws else None
         self._cond = None if cond is None else torch.empty_like(cond, device=self.device)
@@ -77,6 +81,9 @@ class GraphedSampler:
         return run_sampler(self.sampler, self.denoiser, self._x, self.ts, cond=self._cond, **kw)
 
     def _capture(self) -> None:
+        # the graph reads the grid's time vectors and step tensors: hold them, so that the shared
+        # grid cache (cleared when full) can never free memory a replay still reads
+        self._grid = prepare_grid(self.denoiser, self._x, self.ts, self._cond)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.no_grad():  # warm-up: caches grids, autotunes kernels

@@ -199,10 +199,20 @@ class DiscreteVP(Schedule):
                     beta_start=self.beta_start, beta_end=self.beta_end, zero_terminal_snr=self.zero_terminal_snr,
                     final_alpha_one=self.final_alpha_one, steps_offset=self.steps_offset)
 
+    def _abar_on(self, device) -> Tensor:
+        """The cumulative-alpha table on ``device``, copied once per device (no host copy per call:
+        a CUDA graph can capture the lookup)."""
+        if device.type == "cpu":
+            return self._abar
+        tables = self.__dict__.setdefault("_abar_devices", {})
+        if device not in tables:
+            tables[device] = self._abar.to(device)
+        return tables[device]
+
     def _abar_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t)
         u = (t.double() + 1).clamp(0, self.num_train_timesteps)
-        table = self._abar.to(u.device)
+        table = self._abar_on(u.device)
         i = u.floor().long().clamp(max=self.num_train_timesteps - 1)
         slope = table[i + 1] - table[i]
         abar = table[i] + (u - i) * slope

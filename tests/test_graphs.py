@@ -7,7 +7,7 @@ import torch
 from diffpolicy import Denoiser
 from diffpolicy import schedules as S
 from diffpolicy.graphs import GraphedSampler, noise_draws
-from diffpolicy.samplers import prior, run_sampler
+from diffpolicy.samplers import consistency_timesteps, prior, run_sampler
 from diffpolicy.toys import GaussianMixtureDenoiser
 from gaussian_toy import COV, MU, N, GaussianFlowMap, moments_ok
 
@@ -62,6 +62,8 @@ def test_bad_inputs_are_clear_errors():
         GraphedSampler(den, (4, 2), sched.timesteps(5), "nope")
     with pytest.raises(ValueError, match="no callback or noise"):
         GraphedSampler(den, (4, 2), sched.timesteps(5), "ddpm", noise=torch.zeros(5, 4, 2))
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GraphedSampler(den, (4, 2), sched.timesteps(5), warmup=0)
     with pytest.raises(ValueError, match="batch size 3"):
         GraphedSampler(den, (4, 2), sched.timesteps(5), cond=torch.zeros(3, 1))
     gs = GraphedSampler(den, (4, 2), sched.timesteps(5))
@@ -107,3 +109,33 @@ def test_cuda_graph_replay_equals_eager_and_sees_weight_updates():
         with torch.no_grad():
             for p in net.parameters():
                 p.mul_(2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("case", ["clip_x0", "consistency"])
+def test_cuda_graph_with_the_policies_denoisers(case):
+    """What the agents use: x0 clipping on DiscreteVP (reads the schedule's table) and a
+    consistency preconditioner on EDM (checks alpha): both capture and equal eager sampling."""
+    from diffpolicy import ConsistencyPrecond
+    from diffpolicy.nets.mlp import MLPDenoiser
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    net = MLPDenoiser(x_dim=3, obs_dim=11).to(dev).eval()
+    obs = torch.randn(8, 11, device=dev)
+    if case == "clip_x0":
+        sched = S.DiscreteVP(1000)
+        den, name, ts, opts = Denoiser(net, sched, "eps"), "ddpm", sched.timesteps(10), {"clip_x0": 1.0}
+    else:
+        sched = S.EDM()
+        den, name, opts = Denoiser(net, sched, precond=ConsistencyPrecond()), "consistency", {}
+        ts = consistency_timesteps(sched, 2)
+    gs = GraphedSampler(den, (8, 3), ts, name, cond=obs, **opts)
+    gen = torch.Generator(dev).manual_seed(0)
+    x = prior(den, (8, 3), generator=gen, device=dev)
+    noise = torch.randn(gs.draws, 8, 3, generator=gen, device=dev)
+    with torch.no_grad():
+        ref = run_sampler(name, gs.denoiser, x, ts, cond=obs, noise=noise)
+    out = gs(obs, generator=torch.Generator(dev).manual_seed(0))
+    assert gs._graph is not None
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
