@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     img_sub = img.add_subparsers(dest="image_command", required=True)
     pre = img_sub.add_parser("pretrain", help="train one model family (ImagePretrainConfig: family=ddpm_eps|ddpm_x0|"
                                               "ddpm_v|rf|ct|trigflow, steps=..., size=8|16, ...); resumes a run dir")
-    pre.add_argument("run_dir", help="run directory: config.json, logs, checkpoint.pt (an existing one continues)")
+    pre.add_argument("run_dir", help="run directory: config.json, logs, checkpoint (an existing one continues)")
     _settings_args(pre, "ImagePretrainConfig fields")
     dis = img_sub.add_parser("distill", help="distil a pre-trained run into a few-step student (DistillConfig: "
                                              "method=pd|cd|reflow|instaflow|dmd|add, student_steps=..., ...)")
@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Reward fine-tuning. Settings: the tuner's config fields (sampling_steps, "
                                          "batch_size, lr, kl_weight, importance_sampling, grad_steps, ...) and "
                                          "run.reward (class, brightness, contrast, compressibility, "
-                                         "incompressibility), run.iterations, run.checkpoint_every.")
+                                         "incompressibility), run.target_class (class reward with num_classes=0), "
+                                         "run.iterations, run.checkpoint_every.")
     fin.add_argument("method", help="ddpo, draft, refl or drwr")
     fin.add_argument("run_dir", help="run directory of the fine-tuned model (an existing one continues)")
     fin.add_argument("--from", dest="source", required=True, help="the pre-training run directory to start from")
