@@ -46,6 +46,9 @@ class OfflineAgent(nn.Module):
     #: ``"return_range"``: train on rewards scaled by ``1000 / (max - min episode return)`` (IQL's
     #: MuJoCo setting, Kostrikov et al. 2022 App. B); ``None``: raw rewards.
     reward_normalization: str | None = None
+    #: Config fields that only shape ``act`` (how many candidates, how one is picked), never an
+    #: update: a resumed run may change them, and ``diffpolicy eval --set`` overrides them.
+    acting_fields: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         """Every subclass's ``update`` advances ``num_updates`` once per call (also when an

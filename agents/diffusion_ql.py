@@ -38,6 +38,7 @@ class DiffusionQLConfig(DiffusionBCConfig):
 class DiffusionQL(TwinCriticMixin, DiffusionBC):
     name = "diffusion_ql"
     config_class = DiffusionQLConfig
+    acting_fields = ("candidates",)
 
     def __init__(self, obs_dim: int, act_dim: int, config: DiffusionQLConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)

@@ -5,12 +5,15 @@
   updates; trained independently of the actor.
 * Actor: diffusion BC of the behaviour policy ``mu(a | s)`` (:class:`~diffpolicy.agents.diffusion_bc.DiffusionBC`);
   IDQL's LN-ResNet denoiser (3 residual blocks of width 256 with LayerNorm), 5 VP steps.
-* Acting: draw ``candidates`` actions from ``mu`` and resample one with probability proportional
-  to the critic's implicit-policy weight (IDQL sec. 4.1, ``w = f'(Q - V) / (Q - V)`` for the
-  value loss ``f``): for the expectile loss ``w(s, a) = |tau - 1(Q(s, a) < V(s))|``
-  (``selection="expectile"``, the default, as the IQL critic is an expectile one); the quantile
-  loss gives ``|tau - 1(Q < V)| / |Q - V|`` (``"quantile"``); ``"argmax"`` takes the best Q
-  (IDQL's greedy variant).
+* Acting: draw ``candidates`` actions from ``mu`` and pick one. ``selection="argmax"`` (the
+  default) takes the candidate of highest ``min(Q_1, Q_2)``, as the authors' code evaluates
+  (``eval_actions`` of their DDPM-IQL learner, N = 64). The paper's implicit-policy resampling
+  (IDQL sec. 4.1, ``w = f'(Q - V) / (Q - V)`` for the value loss ``f``) is kept as an option:
+  for the expectile loss ``w(s, a) = |tau - 1(Q(s, a) < V(s))|`` (``"expectile"``), which with
+  ``tau = 0.7`` only tilts ``mu`` by 0.7 : 0.3 and scores far below argmax on our Hopper data
+  (same weights, medium-replay seed 0: 21.1 against 36.5); the quantile loss gives
+  ``|tau - 1(Q < V)| / |Q - V|`` (``"quantile"``). Both only change acting (``acting_fields``):
+  ``diffpolicy eval RUN --set selection=expectile`` re-scores a trained run.
 """
 
 from __future__ import annotations
@@ -48,21 +51,24 @@ class IDQLConfig(DiffusionBCConfig):
     critic_hidden: int = 256
     critic_depth: int = 2
     candidates: int = 64
-    selection: str = "expectile"
+    selection: str = "argmax"
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; valid: {', '.join(SELECTIONS)}")
 
 
 class IDQL(DiffusionBC):
     name = "idql"
     config_class = IDQLConfig
     reward_normalization = "return_range"  # IQL's MuJoCo setting: rewards x 1000 / (max - min episode return)
+    acting_fields = ("candidates", "selection")
 
     def __init__(self, obs_dim: int, act_dim: int, config: IDQLConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)
         c = self.config
         if c.horizon != 1:
             raise ValueError(f"{self.name} acts one action per state; horizon={c.horizon} is for diffusion_bc only")
-        if c.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {c.selection!r}; valid: {', '.join(SELECTIONS)}")
         self.critic_loss, _, _ = make_iql_critic_loss(obs_dim, act_dim, c.expectile, gamma=c.gamma,
                                                       hidden=c.critic_hidden, depth=c.critic_depth)
         self.target_updater = SoftUpdate(self.critic_loss, tau=c.tau)

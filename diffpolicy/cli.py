@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate the agent of a run directory (fixed seeds, normalised score)")
     ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="acting-only settings of the agent, to re-score a trained run without training again "
+                         "(IDQL: selection=argmax|expectile|quantile, candidates=N; Diffusion-QL: candidates=N)")
     ev.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
     ev.add_argument("--seed", type=int, default=1_000_000, help="seed of the first episode (default 1000000)")
     ev.add_argument("--env", default=None, help="gymnasium id (default: the run's env)")
@@ -223,8 +226,11 @@ def _eval_command(args) -> int:
     from diffpolicy.agents import load_agent
     from diffpolicy.envs.factory import evaluate
 
+    from diffpolicy.config import override_config
+
     run = Path(args.run_dir)
     agent = load_agent(run)
+    agent.config = override_config(agent.config, args.overrides, only=agent.acting_fields)
     meta = json.loads((run / "config.json").read_text())
     data = _open_data(meta["dataset"])
     score_fn = data.normalized_score if data.ref_min_score is not None else None
@@ -235,6 +241,7 @@ def _eval_command(args) -> int:
                    obs_loc=data.obs_mean, obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset,
                    action_chunk=getattr(agent, "action_chunk", 1))
     print(json.dumps({"run": str(run), "agent": meta["agent"], "episodes": args.episodes,
+                      "settings": {k: getattr(agent.config, k) for k in agent.acting_fields},
                       "return_mean": res.return_mean, "return_std": res.return_std,
                       "score_mean": res.score_mean, "score_std": res.score_std}))
     return 0

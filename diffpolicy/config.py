@@ -14,7 +14,7 @@ import types
 import typing
 from pathlib import Path
 
-__all__ = ["ConfigError", "load_config", "load_sections", "parse_overrides"]
+__all__ = ["override_config", "ConfigError", "load_config", "load_sections", "parse_overrides"]
 
 
 class ConfigError(ValueError):
@@ -101,6 +101,23 @@ def load_config(cls, path=None, overrides=(), **values):
             raise ConfigError(f"unknown {cls.__name__} key {key!r}{hint}")
         out[key] = _convert(key, value, kinds[key])
     return cls(**out)
+
+
+def override_config(cfg, overrides=(), *, only=None):
+    """A copy of the dataclass ``cfg`` with ``key=value`` ``overrides`` typed as its fields; with
+    ``only``, keys outside it are refused (e.g. a trained agent's acting-only settings)."""
+    raw = parse_overrides(overrides)
+    kinds = _field_types(type(cfg))
+    for key in raw:
+        if only is not None and key not in only:
+            allowed = ", ".join(only) if only else "none"
+            raise ConfigError(f"{key!r} cannot change here: only {allowed} can (others need a new run)")
+        if key not in kinds:
+            raise ConfigError(f"unknown {type(cfg).__name__} key {key!r}; valid: {', '.join(kinds)}")
+    try:
+        return dataclasses.replace(cfg, **{k: _convert(k, v, kinds[k]) for k, v in raw.items()})
+    except ValueError as e:  # the dataclass's own checks
+        raise ConfigError(str(e)) from None
 
 
 def _read_yaml(path) -> dict:

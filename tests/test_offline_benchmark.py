@@ -1,6 +1,7 @@
 """The offline benchmark's table is assembled from per-run result files (resumable sweeps)."""
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 spec = importlib.util.spec_from_file_location("offline_bench", Path(__file__).parents[1] / "benchmarks" / "offline.py")
@@ -32,3 +33,29 @@ def test_assemble_reads_whatever_runs_exist_and_writes_the_table(tmp_path):
     assert "| diffusion_bc | 50.0 ± 10.0 (2) |" in md and "test budget" in md
     assert json.loads((tmp_path / "out" / "offline.json").read_text())["results"]["medium"]["consistency_bc"]
     assert (tmp_path / "out" / "offline.png").exists()
+
+
+def test_a_finished_run_is_rescored_when_its_acting_defaults_change(pendulum_data, tmp_path):
+    """IDQL's selection rule only shapes acting: a run finished under the old rule is evaluated
+    again from its final checkpoint instead of trained again, and says so."""
+    import argparse
+
+    args = argparse.Namespace(steps=10, batch=32, eval_every=10, eval_episodes=1, quick=False, no_progress=True)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    first = bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)
+    assert first["acting"] == {"candidates": 64, "selection": "argmax"} and "rescored" not in first
+    # as written before the default changed: expectile selection, no "acting" record
+    conf_path, res_path = runs / "q" / "idql" / "seed0" / "config.json", results / "q" / "idql" / "seed0.json"
+    conf = json.loads(conf_path.read_text())
+    conf["agent_config"]["selection"] = "expectile"
+    conf_path.write_text(json.dumps(conf))
+    old = {k: v for k, v in first.items() if k != "acting"}
+    res_path.write_text(json.dumps({**old, "score": -1.0}))
+    again = bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)
+    assert again["rescored"]["from"] == {"candidates": 64, "selection": "expectile"}
+    assert again["rescored"]["score_before"] == -1.0 and math.isfinite(again["score"]) and again["score"] != -1.0
+    assert again["history"] == first["history"] and again["steps"] == 10  # the curve measured in training
+    assert bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results) == again  # done once
+    res_path.write_text(json.dumps({**old, "score": -1.0}))
+    conf_path.write_text(json.dumps(conf))  # the same rescoring again: the same episodes, the same score
+    assert bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)["score"] == again["score"]

@@ -1,4 +1,5 @@
 """Diffusion BC and Diffusion-QL on tiny data, and the shared offline training loop."""
+import dataclasses
 import math
 
 import pytest
@@ -267,3 +268,24 @@ def test_a_run_dir_from_before_a_setting_existed_still_resumes(pendulum_data, tm
         train_offline(make_agent("diffusion_bc", 3, 1, hidden=16, depth=1, horizon=2), pendulum_data,
                       TrainConfig(steps=60, eval_every=20, eval_episodes=1, log_every=10), run_dir=tmp_path,
                       progress=False)
+
+
+def test_acting_only_settings_may_change_when_a_run_resumes(pendulum_data, tmp_path):
+    """IDQL's candidates and selection never touch an update: a run resumes under new ones (and
+    records them); a training setting still refuses."""
+    import json
+
+    small = dict(hidden=16, depth=1, critic_hidden=16, time_dim=4)
+    cfg = TrainConfig(steps=10, eval_every=10, eval_episodes=1, log_every=10)
+    train_offline(make_agent("idql", 3, 1, selection="expectile", **small), pendulum_data, cfg, run_dir=tmp_path,
+                  progress=False)
+    out = train_offline(make_agent("idql", 3, 1, selection="argmax", candidates=8, **small), pendulum_data,
+                        dataclasses.replace(cfg, steps=20), run_dir=tmp_path, progress=False)
+    assert out["steps"] == 20
+    conf = json.loads((tmp_path / "config.json").read_text())["agent_config"]
+    assert conf["selection"] == "argmax" and conf["candidates"] == 8
+    with pytest.raises(ValueError, match="different configuration"):
+        train_offline(make_agent("idql", 3, 1, expectile=0.9, **small), pendulum_data,
+                      dataclasses.replace(cfg, steps=30), run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="unknown selection 'magic'"):
+        make_agent("idql", 3, 1, selection="magic")
