@@ -230,7 +230,9 @@ def _eval_command(args) -> int:
 
     run = Path(args.run_dir)
     agent = load_agent(run)
-    agent.config = override_config(agent.config, args.overrides, only=agent.acting_fields)
+    acting = getattr(agent, "acting_fields", ())  # offline agents declare them; fine-tuned policies have none
+    if args.overrides:
+        agent.config = override_config(agent.config, args.overrides, only=acting)
     meta = json.loads((run / "config.json").read_text())
     data = _open_data(meta["dataset"])
     score_fn = data.normalized_score if data.ref_min_score is not None else None
@@ -241,7 +243,7 @@ def _eval_command(args) -> int:
                    obs_loc=data.obs_mean, obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset,
                    action_chunk=getattr(agent, "action_chunk", 1))
     print(json.dumps({"run": str(run), "agent": meta["agent"], "episodes": args.episodes,
-                      "settings": {k: getattr(agent.config, k) for k in agent.acting_fields},
+                      "settings": {k: getattr(agent.config, k) for k in acting},
                       "return_mean": res.return_mean, "return_std": res.return_std,
                       "score_mean": res.score_mean, "score_std": res.score_std}))
     return 0

@@ -35,27 +35,29 @@ def test_assemble_reads_whatever_runs_exist_and_writes_the_table(tmp_path):
     assert (tmp_path / "out" / "offline.png").exists()
 
 
-def test_a_finished_run_is_rescored_when_its_acting_defaults_change(pendulum_data, tmp_path):
-    """IDQL's selection rule only shapes acting: a run finished under the old rule is evaluated
-    again from its final checkpoint instead of trained again, and says so."""
+def test_a_finished_run_is_scored_on_its_final_checkpoint_and_rescored_when_acting_defaults_change(
+        pendulum_data, tmp_path):
+    """The table's score is the final checkpoint on ``final_episodes`` episodes; IDQL's selection
+    rule only shapes acting, so a run finished under an old rule is evaluated again, not trained."""
     import argparse
 
-    args = argparse.Namespace(steps=10, batch=32, eval_every=10, eval_episodes=1, quick=False, no_progress=True)
+    args = argparse.Namespace(steps=10, batch=32, eval_every=10, eval_episodes=1, final_episodes=3, quick=False,
+                              no_progress=True)
     runs, results = tmp_path / "runs", tmp_path / "results"
     first = bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)
-    assert first["acting"] == {"candidates": 64, "selection": "argmax"} and "rescored" not in first
-    # as written before the default changed: expectile selection, no "acting" record
+    acting = {"candidates": 64, "selection": "argmax"}
+    assert first["final_eval"] == {"episodes": 3, "acting": acting, "trained_with": acting}
+    assert first["curve_score"] == first["history"][-1]["score_mean"] and math.isfinite(first["score"])
+    assert bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results) == first  # done once
+    # a run written before the default changed: trained (and scored) with expectile selection
     conf_path, res_path = runs / "q" / "idql" / "seed0" / "config.json", results / "q" / "idql" / "seed0.json"
     conf = json.loads(conf_path.read_text())
     conf["agent_config"]["selection"] = "expectile"
     conf_path.write_text(json.dumps(conf))
-    old = {k: v for k, v in first.items() if k != "acting"}
+    old = {k: v for k, v in first.items() if k not in ("final_eval", "curve_score")}
     res_path.write_text(json.dumps({**old, "score": -1.0}))
     again = bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)
-    assert again["rescored"]["from"] == {"candidates": 64, "selection": "expectile"}
-    assert again["rescored"]["score_before"] == -1.0 and math.isfinite(again["score"]) and again["score"] != -1.0
+    assert again["final_eval"]["trained_with"] == {"candidates": 64, "selection": "expectile"}
+    assert again["final_eval"]["acting"] == acting and again["curve_score"] == first["curve_score"]
+    assert again["score"] == first["score"]  # same weights, same episodes, same policy noise
     assert again["history"] == first["history"] and again["steps"] == 10  # the curve measured in training
-    assert bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results) == again  # done once
-    res_path.write_text(json.dumps({**old, "score": -1.0}))
-    conf_path.write_text(json.dumps(conf))  # the same rescoring again: the same episodes, the same score
-    assert bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)["score"] == again["score"]
