@@ -99,15 +99,14 @@ def latency_table(obs_dim: int, act_dim: int, agents, steps: int) -> dict[str, f
 def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root: Path) -> dict | None:
     """Train (or resume) one run and score it; its result file makes a later call free. ``None``
     with ``args.rescore`` for a run not finished under this budget (nothing is trained)."""
-    from diffpolicy.agents import make_agent
+    from diffpolicy.agents import agent_class, make_agent
     from diffpolicy.agents.trainer import TrainConfig, train_offline
 
     run_dir = run_root / quality / name / f"seed{seed}"
     result_path = result_root / quality / name / f"seed{seed}.json"
-    torch.manual_seed(seed)
-    agent = make_agent(name, data.obs_dim, data.act_dim,
-                       **agent_settings(name, args.steps, run_root, quality, seed, args.quick))
-    acting = {k: getattr(agent.config, k) for k in agent.acting_fields}
+    settings = agent_settings(name, args.steps, run_root, quality, seed, args.quick)
+    cls = agent_class(name)
+    acting = {k: settings.get(k, getattr(cls.config_class(), k)) for k in cls.acting_fields}
     res = None
     if result_path.exists():
         old = json.loads(result_path.read_text())
@@ -116,6 +115,8 @@ def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root
     if res is None:
         if getattr(args, "rescore", False):
             return None
+        torch.manual_seed(seed)
+        agent = make_agent(name, data.obs_dim, data.act_dim, **settings)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch, eval_every=args.eval_every,
                           eval_episodes=args.eval_episodes, seed=seed, log_every=max(1, min(1000, args.steps // 10)))
         out = train_offline(agent, data, cfg, env_id=env_id, run_dir=run_dir, progress=not args.no_progress)
