@@ -49,7 +49,7 @@ from diffpolicy.denoiser import ClipX0, ConsistencyPrecond, Denoiser, DenoiserBa
 from diffpolicy.ema import EMA
 from diffpolicy.losses import consistency_distillation_loss, consistency_training_loss, ct_num_scales
 from diffpolicy.nets import MLPDenoiser
-from diffpolicy.samplers import consistency_timesteps, prior, sample_consistency
+from diffpolicy.samplers import consistency_timesteps, prior, sample_consistency, tempered
 
 from .base import OfflineAgent
 from .critics import TwinCriticMixin, TwinQ, soft_update
@@ -154,15 +154,17 @@ def make_consistency_denoiser(obs_dim: int, act_dim: int, cfg: DiffusionBCConfig
 
 
 def sample_consistency_actions(model: DenoiserBase, obs: Tensor, act_dim: int, steps: int,
-                               generator: torch.Generator | None = None) -> Tensor:
+                               generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
     """``steps``-step consistency sampling (Song et al. 2023 Alg. 1) of one action per row of ``obs``.
 
     Gradients flow to ``model`` unless the caller disables them (Consistency-AC needs them);
     the x0 estimate is clipped to ``[-1, 1]`` at each step, so the result lies in ``[-1, 1]``.
+    ``temperature`` scales the prior and the re-noising (:func:`diffpolicy.samplers.tempered`).
     """
     ts = consistency_timesteps(model.schedule, steps)
     x = prior(model, (obs.shape[0], act_dim), generator=generator, device=obs.device, dtype=obs.dtype)
-    a = sample_consistency(ClipX0(model, 1.0), x, ts, cond=obs, generator=generator)
+    x, noise = tempered(x, len(ts) - 1, temperature, generator)
+    a = sample_consistency(ClipX0(model, 1.0), x, ts, cond=obs, noise=noise, generator=generator)
     return a.clamp(-1.0, 1.0)
 
 
@@ -213,6 +215,7 @@ class ConsistencyBC(OfflineAgent):
 
     name = "consistency_bc"
     config_class = ConsistencyBCConfig
+    acting_fields = ("sample_steps", "temperature")
     loss_key = "loss_ct"
 
     def __init__(self, obs_dim: int, act_dim: int, config: ConsistencyBCConfig | None = None, *,
@@ -269,7 +272,8 @@ class ConsistencyBC(OfflineAgent):
                        generator: torch.Generator | None = None) -> Tensor:
         """One action per row of ``obs`` by ``steps`` (default ``sample_steps``) consistency steps."""
         model = self.ema.module if ema else self.actor
-        return sample_consistency_actions(model, obs, self.act_dim, steps or self.config.sample_steps, generator)
+        return sample_consistency_actions(model, obs, self.act_dim, steps or self.config.sample_steps, generator,
+                                          self.config.temperature)
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:
@@ -349,6 +353,7 @@ class ConsistencyAC(TwinCriticMixin, ConsistencyBC):
 
     name = "consistency_ac"
     config_class = ConsistencyACConfig
+    acting_fields = ("num_candidates", "select_temperature")  # its critic targets and Q term sample the actor
 
     def __init__(self, obs_dim: int, act_dim: int, config: ConsistencyACConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)

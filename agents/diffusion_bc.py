@@ -45,6 +45,11 @@ class DiffusionBCConfig(AgentConfig):
     ema_start: int = 1000
     beta_schedule: str = "vp"       # Diffusion-QL's VP; DPPO pre-trains with "squaredcos_cap_v2"
     horizon: int = 1                # action chunk: predict and execute this many actions per state
+    temperature: float = 1.0        # sampling temperature (samplers.tempered): 0 acts by the noise-free path
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
 
 def make_action_denoiser(obs_dim: int, act_dim: int, cfg: DiffusionBCConfig) -> Denoiser:
@@ -67,6 +72,7 @@ class DiffusionBC(OfflineAgent):
 
     name = "diffusion_bc"
     config_class = DiffusionBCConfig
+    acting_fields = ("sampler", "temperature")
 
     def __init__(self, obs_dim: int, act_dim: int, config: DiffusionBCConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)
@@ -114,7 +120,8 @@ class DiffusionBC(OfflineAgent):
         """One action (a flattened ``horizon``-chunk) per row of ``obs`` drawn by the reverse chain, in ``[-1, 1]``."""
         model = self.ema.module if ema else self.actor
         a = sample(model, (obs.shape[0], self.act_dim * self.config.horizon), self.config.diffusion_steps,
-                   self.config.sampler, cond=obs, clip_x0=1.0, generator=generator, device=obs.device)
+                   self.config.sampler, cond=obs, clip_x0=1.0, generator=generator, device=obs.device,
+                   temperature=self.config.temperature)
         return a.clamp(-1.0, 1.0)
 
     @torch.no_grad()

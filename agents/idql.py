@@ -54,6 +54,7 @@ class IDQLConfig(DiffusionBCConfig):
     selection: str = "argmax"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; valid: {', '.join(SELECTIONS)}")
 
@@ -62,7 +63,7 @@ class IDQL(DiffusionBC):
     name = "idql"
     config_class = IDQLConfig
     reward_normalization = "return_range"  # IQL's MuJoCo setting: rewards x 1000 / (max - min episode return)
-    acting_fields = ("candidates", "selection")
+    acting_fields = ("candidates", "selection", "sampler", "temperature")  # the actor is plain BC
 
     def __init__(self, obs_dim: int, act_dim: int, config: IDQLConfig | None = None, **overrides):
         super().__init__(obs_dim, act_dim, config, **overrides)

@@ -41,9 +41,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_AGENTS = ["gaussian_bc", "diffusion_bc", "td3_bc", "iql", "idql", "diffusion_ql", "consistency_bc",
+DEFAULT_AGENTS = ["gaussian_bc", "diffusion_bc", "diffusion_bc_t0", "td3_bc", "iql", "idql", "diffusion_ql", "consistency_bc",
                   "consistency_bc_cd", "consistency_ac", "diffusion_policy"]
 DEFAULT_QUALITIES = ["medium-replay", "medium", "medium-expert"]
+#: Rows scored from another agent's trained runs, acting differently (acting-only settings; no training):
+#: diffusion BC acting by its noise-free path from x_T = 0 (DDIM, temperature 0), the counterpart of
+#: Gaussian BC acting by its mean.
+VARIANTS = {"diffusion_bc_t0": ("diffusion_bc", {"sampler": "ddim", "temperature": 0.0})}
 
 
 def agent_settings(name: str, steps: int, run_root: Path, quality: str, seed: int, quick: bool) -> dict:
@@ -83,13 +87,14 @@ def latency_table(obs_dim: int, act_dim: int, agents, steps: int) -> dict[str, f
 
     out = {}
     for name in agents:
-        settings = agent_settings(name, steps, Path("."), "", 0, False)
+        base, variant = VARIANTS.get(name, (name, {}))
+        settings = {**agent_settings(base, steps, Path("."), "", 0, False), **variant}
         settings.pop("teacher_path", None)
         if name == "consistency_bc_cd":  # a teacher only shapes the student's training, not its acting cost
             from diffpolicy.agents.diffusion_bc import DiffusionBC
 
             settings["teacher"] = DiffusionBC(obs_dim, act_dim)
-        out[name] = latency_ms(make_agent(name, obs_dim, act_dim, **settings), obs_dim)
+        out[name] = latency_ms(make_agent(base, obs_dim, act_dim, **settings), obs_dim)
         if name == "consistency_bc":  # the one-step sampler of the same model
             out["consistency_bc_1step"] = latency_ms(make_agent(name, obs_dim, act_dim, sample_steps=1, **settings),
                                                      obs_dim)
@@ -102,16 +107,23 @@ def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root
     from diffpolicy.agents import agent_class, make_agent
     from diffpolicy.agents.trainer import TrainConfig, train_offline
 
-    run_dir = run_root / quality / name / f"seed{seed}"
+    base, variant = VARIANTS.get(name, (name, {}))
+    run_dir = run_root / quality / base / f"seed{seed}"
     result_path = result_root / quality / name / f"seed{seed}.json"
-    settings = agent_settings(name, args.steps, run_root, quality, seed, args.quick)
-    cls = agent_class(name)
-    acting = {k: settings.get(k, getattr(cls.config_class(), k)) for k in cls.acting_fields}
+    settings = agent_settings(base, args.steps, run_root, quality, seed, args.quick)
+    cls = agent_class(base)
+    acting = {**{k: settings.get(k, getattr(cls.config_class(), k)) for k in cls.acting_fields}, **variant}
     res = None
     if result_path.exists():
         old = json.loads(result_path.read_text())
         if old["steps"] == args.steps and old["batch_size"] == args.batch:
             res = old  # finished under this budget (another budget: train on from the checkpoint)
+    if res is None and variant:  # the base agent's run (trained first if need be), acting otherwise
+        trained = run_one(env_id, quality, data, base, seed, args, run_root, result_root)
+        if trained is None:
+            return None
+        res = {k: v for k, v in trained.items() if k not in ("final_eval", "curve_score")}
+        res.update(agent=name, history=[], variant_of=base)  # its curve was measured acting as the base
     if res is None:
         if getattr(args, "rescore", False):
             return None
@@ -218,6 +230,8 @@ def assemble(result_root: Path, env_id: str, qualities, agents, steps: int | Non
                 "latency_ms": statistics.fmean(r["latency_ms"] for r in runs),
                 "seeds": [r["seed"] for r in runs], "steps": runs[0]["steps"],
             }
+            if not runs[0]["history"]:  # an acting variant: no curve of its own
+                continue
             curves.setdefault(q, {})[name] = [[h["step"] for h in runs[0]["history"]],
                                               [statistics.fmean(r["history"][i]["score_mean"] for r in runs
                                                                 if i < len(r["history"]))

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("overrides", nargs="*", metavar="key=value",
                     help="acting-only settings of the agent, to re-score a trained run without training again "
-                         "(IDQL: selection=argmax|expectile|quantile, candidates=N; Diffusion-QL: candidates=N)")
+                         "(diffusion BC: sampler=ddim temperature=0; IDQL: also selection=argmax|expectile|quantile "
+                         "candidates=N; Diffusion-QL: candidates=N)")
     ev.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
     ev.add_argument("--seed", type=int, default=1_000_000, help="seed of the first episode (default 1000000)")
     ev.add_argument("--env", default=None, help="gymnasium id (default: the run's env)")

@@ -42,7 +42,7 @@ from .parameterization import kind_coefficients, sde_coefficients
 from .schedules import DiscreteVP, TrigFlow
 
 __all__ = [
-    "SAMPLERS", "sample", "run_sampler", "prior", "consistency_timesteps", "prepare_grid", "ddim_std", "ddim_coefficients",
+    "SAMPLERS", "sample", "run_sampler", "prior", "tempered", "consistency_timesteps", "prepare_grid", "ddim_std", "ddim_coefficients",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_sde", "sample_dpmpp_2m",
     "sample_langevin", "sample_rf_euler", "sample_consistency", "sample_lcm", "sample_trigflow",
 ]
@@ -423,13 +423,31 @@ def prior(denoiser: DenoiserBase, shape, *, generator=None, device=None, dtype=N
     return denoiser.schedule.prior_std() * torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+def tempered(x: Tensor, n: int, temperature: float, generator=None) -> tuple[Tensor, Tensor | None]:
+    """The prior draw ``x`` and ``n`` steps of sampler noise, both scaled by ``temperature``.
+
+    Sampling temperature as in IDQL's code (``ddpm_temperature``) and Diffusion Policy-style
+    low-noise acting: ``1`` is the model's distribution (and returns ``(x, None)``, leaving the
+    random stream untouched); below 1 concentrates samples on the high-density region; ``0``
+    follows the noise-free path from ``x_T = 0``, a deterministic "mode" action. For a Gaussian
+    target the probability-flow ODE is linear, so the samples' std scales by ``temperature``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 1.0:
+        return x, None
+    noise = torch.randn((n, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+    return x * temperature, noise * temperature
+
+
 def sample(denoiser: DenoiserBase, shape, steps: int, sampler: str = "ddim", *, cond=None,
            generator=None, device=None, clip_x0: float | None = None, grid: dict | None = None,
-           **kwargs) -> Tensor:
+           temperature: float = 1.0, **kwargs) -> Tensor:
     """Draw samples of ``shape`` with ``steps`` steps of ``sampler`` (see the module table).
 
     ``grid`` passes options to ``schedule.timesteps`` (e.g. ``{"spacing": "trailing"}``);
-    ``clip_x0`` clips the x0 prediction (``ClipX0``); other keywords go to the sampler.
+    ``clip_x0`` clips the x0 prediction (``ClipX0``); ``temperature`` scales the prior and every
+    step's noise (:func:`tempered`); other keywords go to the sampler.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
@@ -437,6 +455,14 @@ def sample(denoiser: DenoiserBase, shape, steps: int, sampler: str = "ddim", *, 
         denoiser = ClipX0(denoiser, clip_x0)
     ts = denoiser.schedule.timesteps(steps, **(grid or {}))
     x = prior(denoiser, shape, generator=generator, device=device)
+    if temperature != 1.0:
+        if "noise" in kwargs:
+            raise ValueError("give temperature or injected noise, not both")
+        if sampler == "langevin":  # its noise is per inner step, and its temperature is step_lr's business
+            raise ValueError("temperature is not defined for the langevin sampler")
+        x, noise = tempered(x, len(ts) - 1, temperature, generator)
+        if sampler not in ("euler", "heun", "dpmpp_2m", "rf_euler"):  # ODE samplers: only the prior scales
+            kwargs["noise"] = noise
     return run_sampler(sampler, denoiser, x, ts, cond=cond, generator=generator, **kwargs)
 
 

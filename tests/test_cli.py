@@ -197,10 +197,11 @@ def test_eval_rescores_a_run_under_other_acting_settings_only(pendulum_data, tmp
     assert main(["train", "idql", str(run), "--dataset", pendulum_data.dataset_id, "steps=10", "eval_every=10",
                  "eval_episodes=1", "hidden=16", "depth=1", "critic_hidden=16", "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["eval", str(run), "selection=expectile", "candidates=8", "--episodes", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)["settings"] == {"candidates": 8, "selection": "expectile"}
+    assert main(["eval", str(run), "selection=expectile", "candidates=8", "temperature=0.5", "--episodes", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"] == {"candidates": 8, "selection": "expectile",
+                                                               "sampler": "ddpm", "temperature": 0.5}
     assert json.loads((run / "config.json").read_text())["agent_config"]["selection"] == "argmax"  # run untouched
     assert main(["eval", str(run), "lr=0.1"]) == 2  # a training setting needs a new run
-    assert "'lr' cannot change here: only candidates, selection can" in capsys.readouterr().err
+    assert "'lr' cannot change here: only candidates, selection, sampler, temperature can" in capsys.readouterr().err
     assert main(["eval", str(run), "selection=magic"]) == 2
     assert "unknown selection 'magic'" in capsys.readouterr().err

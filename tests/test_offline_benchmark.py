@@ -45,7 +45,7 @@ def test_a_finished_run_is_scored_on_its_final_checkpoint_and_rescored_when_acti
                               no_progress=True)
     runs, results = tmp_path / "runs", tmp_path / "results"
     first = bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)
-    acting = {"candidates": 64, "selection": "argmax"}
+    acting = {"candidates": 64, "selection": "argmax", "sampler": "ddpm", "temperature": 1.0}
     assert first["final_eval"] == {"episodes": 3, "acting": acting, "trained_with": acting}
     assert first["curve_score"] == first["history"][-1]["score_mean"] and math.isfinite(first["score"])
     assert bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results) == first  # done once
@@ -57,7 +57,26 @@ def test_a_finished_run_is_scored_on_its_final_checkpoint_and_rescored_when_acti
     old = {k: v for k, v in first.items() if k not in ("final_eval", "curve_score")}
     res_path.write_text(json.dumps({**old, "score": -1.0}))
     again = bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)
-    assert again["final_eval"]["trained_with"] == {"candidates": 64, "selection": "expectile"}
+    assert again["final_eval"]["trained_with"] == {**acting, "selection": "expectile"}
     assert again["final_eval"]["acting"] == acting and again["curve_score"] == first["curve_score"]
     assert again["score"] == first["score"]  # same weights, same episodes, same policy noise
     assert again["history"] == first["history"] and again["steps"] == 10  # the curve measured in training
+
+
+def test_an_acting_variant_row_is_scored_from_its_base_agents_runs(pendulum_data, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(steps=10, batch=32, eval_every=10, eval_episodes=1, final_episodes=2, quick=False,
+                              no_progress=True)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    args.rescore = True  # nothing trained yet: a rescoring pass skips the row
+    assert bench.run_one("Pendulum-v1", "q", pendulum_data, "diffusion_bc_t0", 0, args, runs, results) is None
+    args.rescore = False
+    row = bench.run_one("Pendulum-v1", "q", pendulum_data, "diffusion_bc_t0", 0, args, runs, results)
+    base = json.loads((results / "q" / "diffusion_bc" / "seed0.json").read_text())  # trained on the way
+    assert row["variant_of"] == "diffusion_bc" and row["history"] == [] and not (runs / "q" / "diffusion_bc_t0").exists()
+    assert row["final_eval"]["acting"] == {"sampler": "ddim", "temperature": 0.0}
+    assert base["final_eval"]["acting"] == {"sampler": "ddpm", "temperature": 1.0}
+    assert row["steps"] == base["steps"] == 10 and math.isfinite(row["score"])
+    rep = bench.assemble(results, "Pendulum-v1", ["q"], ["diffusion_bc", "diffusion_bc_t0"])
+    assert set(rep["results"]["q"]) == {"diffusion_bc", "diffusion_bc_t0"} and set(rep["curves"]["q"]) == {"diffusion_bc"}

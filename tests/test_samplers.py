@@ -196,3 +196,27 @@ def test_bad_inputs_name_the_argument():
         run_sampler("sde", GaussianMixtureDenoiser(rf, MU, COV, prediction="rf_velocity"), x, rf.timesteps(3))
     with pytest.raises(ValueError, match="eps form"):
         sample_rf_euler(GaussianMixtureDenoiser(rf, MU, COV, prediction="rf_velocity"), x, rf.timesteps(3), form="eps")
+
+
+def test_temperature_scales_an_exact_gaussian_flow_and_zero_is_deterministic():
+    """With a Gaussian's exact denoiser every DDIM step is affine in x, so the whole sampler is an
+    affine map of the prior draw: a prior scaled by T lands at ``x(0) + T (x(1) - x(0))`` for the
+    same draw (covariance T^2 Sigma). T = 0 is the noise-free path; T = 1 leaves the random stream
+    exactly as without it."""
+    sched = SCHEDS["dvp"]
+    den = GaussianMixtureDenoiser(sched, MU, COV, prediction="eps")
+    draw = lambda sampler, t, seed: sample(den, (N, 2), 50, sampler, temperature=t,  # noqa: E731
+                                           generator=torch.Generator().manual_seed(seed)).double()
+    one, zero, half = draw("ddim", 1.0, 0), draw("ddim", 0.0, 0), draw("ddim", 0.5, 0)
+    _moments_ok(one.float())
+    torch.testing.assert_close(half, zero + 0.5 * (one - zero), atol=1e-4, rtol=0)
+    for sampler in ("ddpm", "ddim", "sde", "heun"):
+        zero = draw(sampler, 0.0, 0)
+        torch.testing.assert_close(zero, draw(sampler, 0.0, 1))  # no randomness left
+        assert zero.std(0).max() < 1e-3 and (zero.mean(0) - MU[0]).abs().max() < 0.05
+        torch.testing.assert_close(draw(sampler, 1.0, 3), sample(den, (N, 2), 50, sampler,
+                                                                 generator=torch.Generator().manual_seed(3)).double())
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        draw("ddpm", -1.0, 0)
+    with pytest.raises(ValueError, match="not defined for the langevin"):
+        draw("langevin", 0.5, 0)

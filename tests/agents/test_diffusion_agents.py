@@ -289,3 +289,16 @@ def test_acting_only_settings_may_change_when_a_run_resumes(pendulum_data, tmp_p
                       dataclasses.replace(cfg, steps=30), run_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown selection 'magic'"):
         make_agent("idql", 3, 1, selection="magic")
+
+
+def test_temperature_zero_acts_by_the_noise_free_path():
+    torch.manual_seed(0)
+    obs = torch.randn(6, 3)
+    for name in ("diffusion_bc", "idql", "consistency_bc"):
+        sampler = {} if name == "consistency_bc" else {"sampler": "ddim"}
+        cold = make_agent(name, 3, 2, hidden=16, depth=1, temperature=0.0, **sampler)
+        torch.testing.assert_close(cold.act(obs), cold.act(obs))  # IDQL: equal candidates, equal picks
+        warm = make_agent(name, 3, 2, hidden=16, depth=1, **sampler)
+        assert not torch.equal(warm.act(obs), warm.act(obs))
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        make_agent("diffusion_bc", 3, 2, temperature=-0.5)
