@@ -81,11 +81,12 @@ def latency_ms(agent, obs_dim: int, repeats: int = 120) -> float:
     return 1000 * statistics.fmean(times)
 
 
-def latency_table(obs_dim: int, act_dim: int, agents, steps: int) -> dict[str, float]:
-    """Per-action latency of every agent at its benchmark settings (weights do not change the cost)."""
+def latency_table(obs_dim: int, act_dim: int, agents, steps: int, rounds: int = 5) -> dict[str, float]:
+    """Per-action latency of every agent at its benchmark settings (weights do not change the cost):
+    the median over ``rounds`` interleaved passes, so a busy machine slows every agent alike."""
     from diffpolicy.agents import make_agent
 
-    out = {}
+    built = {}
     for name in agents:
         base, variant = VARIANTS.get(name, (name, {}))
         settings = {**agent_settings(base, steps, Path("."), "", 0, False), **variant}
@@ -94,11 +95,14 @@ def latency_table(obs_dim: int, act_dim: int, agents, steps: int) -> dict[str, f
             from diffpolicy.agents.diffusion_bc import DiffusionBC
 
             settings["teacher"] = DiffusionBC(obs_dim, act_dim)
-        out[name] = latency_ms(make_agent(base, obs_dim, act_dim, **settings), obs_dim)
+        built[name] = make_agent(base, obs_dim, act_dim, **settings)
         if name == "consistency_bc":  # the one-step sampler of the same model
-            out["consistency_bc_1step"] = latency_ms(make_agent(name, obs_dim, act_dim, sample_steps=1, **settings),
-                                                     obs_dim)
-    return out
+            built["consistency_bc_1step"] = make_agent(base, obs_dim, act_dim, **{**settings, "sample_steps": 1})
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(rounds):
+        for name, agent in built.items():
+            times[name].append(latency_ms(agent, obs_dim))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root: Path) -> dict | None:

@@ -80,3 +80,10 @@ def test_an_acting_variant_row_is_scored_from_its_base_agents_runs(pendulum_data
     assert row["steps"] == base["steps"] == 10 and math.isfinite(row["score"])
     rep = bench.assemble(results, "Pendulum-v1", ["q"], ["diffusion_bc", "diffusion_bc_t0"])
     assert set(rep["results"]["q"]) == {"diffusion_bc", "diffusion_bc_t0"} and set(rep["curves"]["q"]) == {"diffusion_bc"}
+
+
+def test_latency_table_covers_variants_and_the_one_step_consistency_sampler():
+    lat = bench.latency_table(3, 1, ["diffusion_bc", "diffusion_bc_t0", "consistency_bc"], 1000, rounds=2)
+    assert set(lat) == {"diffusion_bc", "diffusion_bc_t0", "consistency_bc", "consistency_bc_1step"}
+    assert all(v > 0 for v in lat.values())
+    assert lat["consistency_bc_1step"] < lat["diffusion_bc"]  # 1 network call against 5
