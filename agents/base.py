@@ -47,7 +47,7 @@ class OfflineAgent(nn.Module):
     #: MuJoCo setting, Kostrikov et al. 2022 App. B); ``None``: raw rewards.
     reward_normalization: str | None = None
     #: Config fields that only shape ``act`` (how many candidates, how one is picked), never an
-    #: update: a resumed run may change them, and ``diffpolicy eval --set`` overrides them.
+    #: update: a resumed run may change them, and ``diffpolicy eval RUN key=value`` overrides them.
     acting_fields: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):

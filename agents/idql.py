@@ -13,7 +13,7 @@
   ``tau = 0.7`` only tilts ``mu`` by 0.7 : 0.3 and scores far below argmax on our Hopper data
   (same weights, medium-replay seed 0: 21.1 against 36.5); the quantile loss gives
   ``|tau - 1(Q < V)| / |Q - V|`` (``"quantile"``). Both only change acting (``acting_fields``):
-  ``diffpolicy eval RUN --set selection=expectile`` re-scores a trained run.
+  ``diffpolicy eval RUN selection=expectile`` re-scores a trained run.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _HOW},
         "dataset": data.dataset_id, "env_id": env_id, "reward_scale": reward_scale,
         **({"world_size": world} if world > 1 else {})}, default=str))
-    def fill_old(old):  # settings added to the agent since the run started: at their defaults;
+    def fill_old(old):  # settings added to the agent since the run started: at their defaults
         defaults = json.loads(json.dumps(dataclasses.asdict(type(agent.config)()), default=str))
         acting = {k: run_config["agent_config"][k] for k in agent.acting_fields}  # acting-only: may change
         return {**old, "agent_config": {**defaults, **old.get("agent_config", {}), **acting}}

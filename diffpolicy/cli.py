@@ -225,9 +225,8 @@ def _eval_command(args) -> int:
     from pathlib import Path
 
     from diffpolicy.agents import load_agent
-    from diffpolicy.envs.factory import evaluate
-
     from diffpolicy.config import override_config
+    from diffpolicy.envs.factory import evaluate
 
     run = Path(args.run_dir)
     agent = load_agent(run)

@@ -426,11 +426,11 @@ def prior(denoiser: DenoiserBase, shape, *, generator=None, device=None, dtype=N
 def tempered(x: Tensor, n: int, temperature: float, generator=None) -> tuple[Tensor, Tensor | None]:
     """The prior draw ``x`` and ``n`` steps of sampler noise, both scaled by ``temperature``.
 
-    Sampling temperature as in IDQL's code (``ddpm_temperature``) and Diffusion Policy-style
-    low-noise acting: ``1`` is the model's distribution (and returns ``(x, None)``, leaving the
-    random stream untouched); below 1 concentrates samples on the high-density region; ``0``
-    follows the noise-free path from ``x_T = 0``, a deterministic "mode" action. For a Gaussian
-    target the probability-flow ODE is linear, so the samples' std scales by ``temperature``.
+    ``1`` is the model's distribution (and returns ``(x, None)``, leaving the random stream
+    untouched); below 1 concentrates samples on the high-density region (IDQL's code scales its
+    DDPM step noise the same way, ``ddpm_temperature``); ``0`` follows the noise-free path from
+    ``x_T = 0``, a deterministic "mode" action. For a Gaussian target the probability-flow ODE
+    is linear, so the samples' std scales by ``temperature``.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
