@@ -83,7 +83,7 @@ class DiffusionPolicyConfig(AgentConfig):
     pred_horizon: int = 8         # Tp: length of the predicted chunk, starting at the current step
     action_steps: int = 4         # Ta: actions executed per plan (receding horizon)
     # temporal U-Net (ConditionalUnet1D)
-    down_dims: tuple = (256, 512, 1024)
+    down_dims: tuple[int, ...] = (256, 512, 1024)
     kernel_size: int = 5
     n_groups: int = 8
     time_dim: int = 256
@@ -97,7 +97,7 @@ class DiffusionPolicyConfig(AgentConfig):
     clip_sample: float | None = 1.0
     mask_padding: bool = True
     # optimiser (AdamW) and learning-rate schedule
-    adam_betas: tuple = (0.95, 0.999)
+    adam_betas: tuple[float, float] = (0.95, 0.999)
     weight_decay: float = 1e-6
     lr_warmup_steps: int = 500
     lr_decay_steps: int | None = None

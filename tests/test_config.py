@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffpolicy.agents import AGENTS, ONLINE_AGENTS, agent_class
 from diffpolicy.config import ConfigError, load_config, parse_overrides
 from diffpolicy.images import ImagePretrainConfig
 
@@ -81,3 +82,15 @@ def test_sections_route_keys_and_name_the_closest_one(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_sections(sections, tmp_path / "bad.yaml")
 
+
+
+@pytest.mark.parametrize("name", [*AGENTS, *ONLINE_AGENTS])
+def test_every_agent_config_reads_back_from_its_config_json(name):
+    """``load_agent`` rebuilds an agent from the JSON its run wrote: every field must read back as itself
+    (a bare ``tuple`` annotation once read Diffusion Policy's Adam betas as ints)."""
+    import dataclasses
+    import json
+
+    cls = agent_class(name).config_class
+    written = json.loads(json.dumps(dataclasses.asdict(cls()), default=str))
+    assert load_config(cls, **written) == cls()
