@@ -174,7 +174,7 @@ def final_evaluation(res: dict, run_dir: Path, data, acting: dict, episodes: int
     agent.config = dataclasses.replace(agent.config, **acting)
     torch.manual_seed(res["seed"])
     r = evaluate_agent(agent, data, res["env"], episodes=episodes, seed=TrainConfig.eval_seed)
-    curve = res["history"][-1]["score_mean"] if res.get("history") else res["score"]
+    curve = res["history"][-1]["score_mean"] if res.get("history") else None  # a variant has no curve
     return {**res, "score": r.score_mean, "return": r.return_mean, "score_episode_std": r.score_std,
             "curve_score": res.get("curve_score", curve),
             "final_eval": {"episodes": episodes, "acting": acting, "trained_with": trained}}
