@@ -116,7 +116,8 @@ def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root
     result_path = result_root / quality / name / f"seed{seed}.json"
     settings = agent_settings(base, args.steps, run_root, quality, seed, args.quick)
     cls = agent_class(base)
-    acting = {**{k: settings.get(k, getattr(cls.config_class(), k)) for k in cls.acting_fields}, **variant}
+    defaults = cls.config_class()
+    acting = {**{k: settings.get(k, getattr(defaults, k)) for k in cls.acting_fields}, **variant}
     res = None
     if result_path.exists():
         old = json.loads(result_path.read_text())

@@ -20,22 +20,12 @@ or parameter object needs a new ``GraphedSampler``.
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 from torch import Tensor
 
 from .denoiser import ClipX0, DenoiserBase
-from .samplers import SAMPLERS, prepare_grid, prior, run_sampler
-
-
-def noise_draws(sampler: str, n: int, **kwargs) -> int:
-    """How many per-step noise tensors ``sampler`` draws on an ``n``-step grid (0: deterministic)."""
-    if "noise" not in inspect.signature(SAMPLERS[sampler]).parameters and sampler not in ("lcm", "trigflow"):
-        return 0
-    if sampler == "ddim" and kwargs.get("eta", 0.0) == 0:
-        return 0
-    return n * int(kwargs.get("n_steps_each", 10)) if sampler == "langevin" else n
+from .samplers import SAMPLERS, noise_draws, prepare_grid, prior, run_sampler
 
 
 class GraphedSampler:

@@ -42,7 +42,7 @@ from .parameterization import kind_coefficients, sde_coefficients
 from .schedules import DiscreteVP, TrigFlow
 
 __all__ = [
-    "SAMPLERS", "sample", "run_sampler", "prior", "tempered", "consistency_timesteps", "prepare_grid", "ddim_std", "ddim_coefficients",
+    "SAMPLERS", "sample", "run_sampler", "prior", "tempered", "noise_draws", "consistency_timesteps", "prepare_grid", "ddim_std", "ddim_coefficients",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_sde", "sample_dpmpp_2m",
     "sample_langevin", "sample_rf_euler", "sample_consistency", "sample_lcm", "sample_trigflow",
 ]
@@ -423,6 +423,15 @@ def prior(denoiser: DenoiserBase, shape, *, generator=None, device=None, dtype=N
     return denoiser.schedule.prior_std() * torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+def noise_draws(sampler: str, n: int, **kwargs) -> int:
+    """How many per-step noise tensors ``sampler`` draws on an ``n``-step grid (0: deterministic)."""
+    if "noise" not in inspect.signature(SAMPLERS[sampler]).parameters and sampler not in ("lcm", "trigflow"):
+        return 0
+    if sampler == "ddim" and kwargs.get("eta", 0.0) == 0:
+        return 0
+    return n * int(kwargs.get("n_steps_each", 10)) if sampler == "langevin" else n
+
+
 def tempered(x: Tensor, n: int, temperature: float, generator=None) -> tuple[Tensor, Tensor | None]:
     """The prior draw ``x`` and ``n`` steps of sampler noise, both scaled by ``temperature``.
 
@@ -436,6 +445,8 @@ def tempered(x: Tensor, n: int, temperature: float, generator=None) -> tuple[Ten
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 1.0:
         return x, None
+    if n == 0:  # a deterministic sampler: only the prior scales
+        return x * temperature, None
     noise = torch.randn((n, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
     return x * temperature, noise * temperature
 
@@ -460,8 +471,8 @@ def sample(denoiser: DenoiserBase, shape, steps: int, sampler: str = "ddim", *, 
             raise ValueError("give temperature or injected noise, not both")
         if sampler == "langevin":  # its noise is per inner step, and its temperature is step_lr's business
             raise ValueError("temperature is not defined for the langevin sampler")
-        x, noise = tempered(x, len(ts) - 1, temperature, generator)
-        if sampler not in ("euler", "heun", "dpmpp_2m", "rf_euler"):  # ODE samplers: only the prior scales
+        x, noise = tempered(x, noise_draws(sampler, len(ts) - 1, **kwargs), temperature, generator)
+        if noise is not None:
             kwargs["noise"] = noise
     return run_sampler(sampler, denoiser, x, ts, cond=cond, generator=generator, **kwargs)
 

@@ -4,6 +4,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 spec = importlib.util.spec_from_file_location("offline_bench", Path(__file__).parents[1] / "benchmarks" / "offline.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
@@ -36,7 +38,7 @@ def test_assemble_reads_whatever_runs_exist_and_writes_the_table(tmp_path):
 
 
 def test_a_finished_run_is_scored_on_its_final_checkpoint_and_rescored_when_acting_defaults_change(
-        pendulum_data, tmp_path):
+        pendulum_data, tmp_path, monkeypatch):
     """The table's score is the final checkpoint on ``final_episodes`` episodes; IDQL's selection
     rule only shapes acting, so a run finished under an old rule is evaluated again, not trained."""
     import argparse
@@ -48,7 +50,10 @@ def test_a_finished_run_is_scored_on_its_final_checkpoint_and_rescored_when_acti
     acting = {"candidates": 64, "selection": "argmax", "sampler": "ddpm", "temperature": 1.0}
     assert first["final_eval"] == {"episodes": 3, "acting": acting, "trained_with": acting}
     assert first["curve_score"] == first["history"][-1]["score_mean"] and math.isfinite(first["score"])
-    assert bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results) == first  # done once
+    with monkeypatch.context() as m:  # done once: a second call neither trains nor evaluates
+        m.setattr(bench, "final_evaluation", lambda *a: pytest.fail("evaluated again"))
+        m.setattr("diffpolicy.agents.trainer.train_offline", lambda *a, **k: pytest.fail("trained again"))
+        assert bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results) == first
     # a run written before the default changed: trained (and scored) with expectile selection
     conf_path, res_path = runs / "q" / "idql" / "seed0" / "config.json", results / "q" / "idql" / "seed0.json"
     conf = json.loads(conf_path.read_text())
