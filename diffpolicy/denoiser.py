@@ -14,19 +14,47 @@ import torch
 from torch import Tensor, nn
 
 from .parameterization import (
-    check_prediction, consistency_scalings, edm_scalings, lcm_scalings, needs_derivatives, to_x0_eps,
+    check_prediction, consistency_scalings, edm_scalings, kind_coefficients, lcm_scalings, needs_derivatives,
+    to_x0_eps,
 )
 from .schedules import DiscreteVP, Schedule, TrigFlow
 
 __all__ = [
     "DenoiserBase", "Denoiser", "EDMPrecond", "ConsistencyPrecond", "LCMPrecond", "TrigFlowPrecond",
-    "CFGDenoiser", "ClassifierGuidance", "ClipX0", "expand_like",
+    "CFGDenoiser", "ClassifierGuidance", "ClipX0", "expand_like", "mark_grid_time", "time_cached",
 ]
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample ``[B]`` (or scalar) tensor to broadcast against ``x [B, ...]``."""
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))
+
+
+def mark_grid_time(t: Tensor) -> Tensor:
+    """Mark ``t`` as a sampler's grid time, evaluated again at every call (see :func:`time_cached`)."""
+    t._time_cache = {}
+    return t
+
+
+def time_cached(t: Tensor, key, compute: Callable[[], object]):
+    """``compute()``, a function of the time ``t`` alone, kept on ``t`` when it is a grid time.
+
+    Samplers evaluate the same grid times at every call (a policy acts with one grid at every
+    environment step), so schedule coefficients and preconditioner scalings of a grid time
+    (:func:`mark_grid_time`; :func:`diffpolicy.samplers.prepare_grid` marks its times) are computed
+    once instead of at every network call: at batch 1 they cost as much as a small network.
+    ``key`` names everything besides ``t`` that the result depends on. Any other ``t`` (random
+    training times) computes afresh. Kept values carry no autograd history and are not inference
+    tensors, so they serve sampling with and without gradients alike.
+    """
+    cache = getattr(t, "_time_cache", None)
+    if cache is None:
+        return compute()
+    value = cache.get(key)
+    if value is None:
+        with torch.inference_mode(False), torch.no_grad():
+            value = cache[key] = compute()
+    return value
 
 
 def _time_vector(t, x: Tensor) -> Tensor:
@@ -56,7 +84,21 @@ class DenoiserBase(nn.Module):
         """``(x0_hat, eps_hat)`` at ``(x_t, t)``: the prediction converted by its kind."""
         t = _time_vector(t, x)
         pred = self(x, t, cond)
-        return to_x0_eps(self.prediction, pred, x, *self.coefficients(t, x), self.schedule.sigma_data)
+        a, b, c, d = self._conversion(t, x)
+        return torch.addcmul(b * pred, a, x), torch.addcmul(d * pred, c, x)
+
+    def x0(self, x: Tensor, t, cond=None) -> Tensor:
+        """``x0_hat`` at ``(x_t, t)``: ``x0_eps(x, t, cond)[0]`` without computing ``eps_hat``."""
+        t = _time_vector(t, x)
+        pred = self(x, t, cond)
+        a, b, _, _ = self._conversion(t, x)
+        return torch.addcmul(b * pred, a, x)
+
+    def _conversion(self, t: Tensor, x: Tensor):
+        """:func:`~diffpolicy.parameterization.kind_coefficients` of this prediction at ``t``, shaped
+        against ``x``: ``x0 = a x + b pred``, ``eps = c x + d pred`` (kept on grid times)."""
+        return time_cached(t, ("kind_coefficients", self.prediction, self.schedule, x.dim()), lambda: kind_coefficients(
+            self.prediction, *self.coefficients(t, x), self.schedule.sigma_data))
 
 
 class Denoiser(DenoiserBase):
@@ -115,15 +157,19 @@ class EDMPrecond(nn.Module):
         return c_skip, c_out, c_in, 1000.0 * c_noise
 
     def forward(self, net, x, t, cond, schedule):
+        k_skip, c_out, k_in, c_noise = time_cached(t, (self, schedule, x.dim()), lambda: self._time_terms(t, schedule, x))
+        return torch.addcmul(k_skip * x, c_out, net(k_in * x, c_noise, cond))
+
+    def _time_terms(self, t, schedule, x):
+        """``(c_skip / alpha, c_out, c_in / alpha, c_noise)``: the scalings of the scaled ``x / alpha``
+        folded into the coefficients of ``x``, shaped to broadcast against it."""
         alpha, sigma = schedule.alpha_sigma(t)
         # (the check reads the device; a CUDA graph being captured skips it: its warm-up ran it)
         if not (alpha.is_cuda and torch.cuda.is_current_stream_capturing()) and bool((alpha == 0).any()):
             raise ValueError(f"{type(self).__name__} divides by alpha_t, which is 0 at t={float(t.max())} on the "
                              f"{schedule.name} schedule: start sampling below that time")
-        xs = x / expand_like(alpha, x)
         c_skip, c_out, c_in, c_noise = self.scalings(sigma / alpha, schedule)
-        c_skip, c_out, c_in = (expand_like(c, x) for c in (c_skip, c_out, c_in))
-        return c_skip * xs + c_out * net(c_in * xs, c_noise, cond)
+        return expand_like(c_skip / alpha, x), expand_like(c_out, x), expand_like(c_in / alpha, x), c_noise
 
 
 class ConsistencyPrecond(EDMPrecond):
@@ -262,7 +308,7 @@ class ClipX0(_Wrapper):
         self.clip, self.dynamic_quantile = clip, dynamic_quantile
 
     def forward(self, x, t, cond=None):
-        x0, _ = self.inner.x0_eps(x, t, cond)
+        x0 = self.inner.x0(x, t, cond)
         if self.dynamic_quantile is None:
             return x0.clamp(-self.clip, self.clip)
         s = torch.quantile(x0.flatten(1).abs(), self.dynamic_quantile, dim=1).clamp_min(self.clip)

@@ -37,12 +37,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .denoiser import ClipX0, DenoiserBase
+from .denoiser import ClipX0, DenoiserBase, mark_grid_time
 from .parameterization import kind_coefficients, sde_coefficients
 from .schedules import DiscreteVP, TrigFlow
 
 __all__ = [
-    "SAMPLERS", "sample", "run_sampler", "prior", "tempered", "noise_draws", "consistency_timesteps", "prepare_grid", "ddim_std", "ddim_coefficients",
+    "SAMPLERS", "sample", "run_sampler", "prior", "tempered", "noise_draws", "consistency_timesteps", "grid_timesteps", "prepare_grid", "ddim_std", "ddim_coefficients",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_sde", "sample_dpmpp_2m",
     "sample_langevin", "sample_rf_euler", "sample_consistency", "sample_lcm", "sample_trigflow",
 ]
@@ -136,7 +136,7 @@ def _make_grid(denoiser: DenoiserBase, ts: Tensor, x: Tensor) -> _Grid:
                          f"the interval or use another prediction kind")
     B = x.shape[0]
     tdtype = torch.promote_types(x.dtype, torch.float32)  # bf16 would round t = 999 to 1000
-    tvec = [torch.full((B,), float(t), dtype=tdtype, device=x.device) for t in ts[:-1].tolist()]
+    tvec = [mark_grid_time(torch.full((B,), float(t), dtype=tdtype, device=x.device)) for t in ts[:-1].tolist()]
     return _Grid(len(ts) - 1, tvec, ts.tolist(), alpha.tolist(), sigma.tolist(),
                  d_alpha.tolist(), d_sigma.tolist(), [tuple(c) for c in coef.tolist()])
 
@@ -464,7 +464,7 @@ def sample(denoiser: DenoiserBase, shape, steps: int, sampler: str = "ddim", *, 
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     if clip_x0 is not None:
         denoiser = ClipX0(denoiser, clip_x0)
-    ts = denoiser.schedule.timesteps(steps, **(grid or {}))
+    ts = grid_timesteps(denoiser.schedule, steps, **(grid or {}))
     x = prior(denoiser, shape, generator=generator, device=device)
     if temperature != 1.0:
         if "noise" in kwargs:
@@ -495,6 +495,34 @@ def _takes_generator(fn) -> bool:
 
 def consistency_timesteps(schedule, n: int, **grid) -> Tensor:
     """A grid for ``n``-step consistency sampling: ``schedule.timesteps(n + 1)`` without its last
-    evaluation time, which on EDM-type grids is ``sigma_min``, where ``f`` is the identity."""
-    ts = schedule.timesteps(n + 1, **grid)
-    return torch.cat([ts[:-2], ts[-1:]])
+    evaluation time, which on EDM-type grids is ``sigma_min``, where ``f`` is the identity.
+    Computed once per schedule and arguments (see :func:`grid_timesteps`)."""
+    def compute():
+        ts = schedule.timesteps(n + 1, **grid)
+        return torch.cat([ts[:-2], ts[-1:]])
+    return _cached_times(schedule, "consistency", n, grid, compute)
+
+
+def grid_timesteps(schedule, n: int, **grid) -> Tensor:
+    """``schedule.timesteps(n, **grid)``, computed once per schedule and arguments: a policy samples
+    with the same grid at every environment step. The tensor is shared: clone it to change it in place."""
+    return _cached_times(schedule, "timesteps", n, grid, lambda: schedule.timesteps(n, **grid))
+
+
+_TIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cached_times(schedule, kind: str, n: int, grid: dict, compute: Callable[[], Tensor]) -> Tensor:
+    try:
+        key = (kind, n, tuple(sorted(grid.items())))
+        hash(key)
+    except TypeError:  # unhashable grid options: computed afresh
+        return compute()
+    cache = _TIMES.setdefault(schedule, {})
+    ts = cache.get(key)
+    if ts is None:
+        if len(cache) >= _GRIDS_PER_SCHEDULE:
+            cache.clear()
+        with torch.inference_mode(False):
+            ts = cache[key] = compute()
+    return ts

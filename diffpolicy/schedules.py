@@ -82,8 +82,11 @@ class Schedule:
         return self.t_max - u * (self.t_max - self.t_min)
 
     def prior_std(self) -> float:
-        """Std of the initial noise ``x_{t_max} ~ N(0, sigma_{t_max}^2 I)`` used by samplers."""
-        return float(self.alpha_sigma(torch.tensor(self.t_max, dtype=torch.float64))[1])
+        """Std of the initial noise ``x_{t_max} ~ N(0, sigma_{t_max}^2 I)`` used by samplers (computed once)."""
+        std = self.__dict__.get("_prior_std")
+        if std is None:
+            std = self._prior_std = float(self.alpha_sigma(torch.tensor(self.t_max, dtype=torch.float64))[1])
+        return std
 
     def check_t(self, t: Tensor, name: str = "t") -> Tensor:
         """Raise a ValueError naming ``name`` when any time lies outside ``[t_min, t_max]``."""

@@ -142,3 +142,67 @@ def test_envs_and_agents_are_subpackages():
     import diffpolicy.agents
     import diffpolicy.envs
     assert diffpolicy.envs.__name__ == "diffpolicy.envs" and diffpolicy.agents.__name__ == "diffpolicy.agents"
+
+
+# ----------------------------------------------------------------------------------------
+# Grid-time cache: a sampler's time-only work done once per grid, never changing a result
+# ----------------------------------------------------------------------------------------
+
+def _grid_t(value, n=4):
+    from diffpolicy.denoiser import mark_grid_time
+    return mark_grid_time(torch.full((n,), value))
+
+
+@pytest.mark.parametrize("precond,sched", [(EDMPrecond(0.5), S.VPSDE()), (ConsistencyPrecond(0.5), S.EDM()),
+                                           (EDMPrecond(0.5), S.EDM())])
+def test_preconditioner_on_a_grid_time_equals_a_fresh_time(precond, sched):
+    den = Denoiser(_net(), sched, precond=precond)
+    x, t_value = torch.randn(4, 2), 0.5
+    t = _grid_t(t_value)
+    first, again = den(x, t), den(x + 1, t)  # the second call reads the kept scalings
+    torch.testing.assert_close(first, den(x, torch.full((4,), t_value)))
+    torch.testing.assert_close(again, den(x + 1, torch.full((4,), t_value)))
+    assert len(t._time_cache) == 1
+
+
+def test_time_cached_computes_once_per_grid_time_and_always_for_others():
+    from diffpolicy.denoiser import time_cached
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.ones(3)
+    plain, grid = torch.zeros(3), _grid_t(0.0, 3)
+    for _ in range(3):
+        time_cached(plain, "k", compute)
+    assert len(calls) == 3
+    for _ in range(3):
+        time_cached(grid, "k", compute)
+    assert len(calls) == 4
+    time_cached(grid, "other", compute)  # another key is another quantity
+    assert len(calls) == 5
+
+
+def test_time_cache_filled_in_inference_mode_serves_autograd_later():
+    net, sched = _net(), S.EDM()
+    den = ClipX0(Denoiser(net, sched, precond=ConsistencyPrecond(0.5)), 1.0)
+    t, x = _grid_t(2.0), torch.randn(4, 2)
+    with torch.inference_mode():
+        den(x, t)
+    den(x, t).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_x0_alone_equals_x0_eps_for_every_kind():
+    sched = S.VPSDE()
+    x, t = torch.randn(5, 2), torch.full((5,), 0.3)
+    for kind in ("eps", "x0", "v", "rf_velocity", "score"):
+        den = Denoiser(_net(), sched, prediction=kind)
+        torch.testing.assert_close(den.x0(x, t), den.x0_eps(x, t)[0])
+        torch.testing.assert_close(den.x0(x, _grid_t(0.3, 5)), den.x0_eps(x, t)[0])
+
+
+def test_edm_precond_still_refuses_alpha_zero_on_a_grid_time():
+    den = Denoiser(_net(), S.RectifiedFlow(), precond=EDMPrecond(0.5))
+    with pytest.raises(ValueError, match="alpha_t"):
+        den(torch.randn(4, 2), _grid_t(1.0))

@@ -220,3 +220,17 @@ def test_temperature_scales_an_exact_gaussian_flow_and_zero_is_deterministic():
         draw("ddpm", -1.0, 0)
     with pytest.raises(ValueError, match="not defined for the langevin"):
         draw("langevin", 0.5, 0)
+
+
+def test_grid_timesteps_are_the_schedules_computed_once():
+    from diffpolicy.samplers import consistency_timesteps, grid_timesteps
+    for sched in (S.DiscreteVP(1000), S.EDM()):
+        ts = grid_timesteps(sched, 5)
+        torch.testing.assert_close(ts, sched.timesteps(5))
+        assert grid_timesteps(sched, 5) is ts and grid_timesteps(sched, 6) is not ts
+    vp = S.DiscreteVP(1000)
+    torch.testing.assert_close(grid_timesteps(vp, 5, spacing="leading"), vp.timesteps(5, spacing="leading"))
+    edm = S.EDM()
+    full = edm.timesteps(3)
+    torch.testing.assert_close(consistency_timesteps(edm, 2), torch.cat([full[:2], full[3:]]))
+    assert consistency_timesteps(edm, 2) is consistency_timesteps(edm, 2)
