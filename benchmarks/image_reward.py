@@ -71,6 +71,25 @@ def kl_weight(method: str) -> float:
     return float(method.split("+kl")[1]) if "+kl" in method else 0.0
 
 
+def base_method(method: str) -> str:
+    """The tuner of a run name: ``draft@b8+kl1`` -> ``draft``."""
+    return method.split("+")[0].split("@b")[0]
+
+
+def batch_size(method: str, default: int) -> int:
+    """The batch of a run name (``draft@b8`` -> 8; no ``@b``: ``default``, the ``--batch-size``)."""
+    head = method.split("+")[0]
+    return int(head.split("@b")[1]) if "@b" in head else default
+
+
+def batch_variant(spec: str) -> str:
+    """``--batch-variants`` entry ``draft=8`` -> the run name ``draft@b8``."""
+    method, _, b = spec.partition("=")
+    if method not in METHODS or not b.isdigit() or int(b) < 1:
+        raise SystemExit(f"--batch-variants takes METHOD=BATCH with METHOD in {', '.join(METHODS)}; got {spec!r}")
+    return f"{method}@b{int(b)}"
+
+
 def pretrained(args):
     sys.path.insert(0, str(ROOT))
     from images import teacher_cfg  # the image benchmark's teacher settings: one shared run
@@ -85,14 +104,15 @@ def pretrained(args):
 def _tuner_class(method: str):
     import importlib
 
-    module, cls, _ = METHODS[method.split("+")[0]]
+    module, cls, _ = METHODS[base_method(method)]
     return getattr(importlib.import_module(f"diffpolicy.agents.{module}"), cls)
 
 
 def make_tuner(method: str, model, reward, args, **tuner_options):
-    settings = METHODS[method.split("+")[0]][2]
-    return _tuner_class(method)(model, reward, 8, sampling_steps=args.sampling_steps, batch_size=args.batch_size,
-                                lr=args.lr, kl_weight=kl_weight(method), **settings, **tuner_options)
+    settings = METHODS[base_method(method)][2]
+    return _tuner_class(method)(model, reward, 8, sampling_steps=args.sampling_steps,
+                                batch_size=batch_size(method, args.batch_size), lr=args.lr,
+                                kl_weight=kl_weight(method), **settings, **tuner_options)
 
 
 def target_fraction(tuner, model=None) -> float | None:
@@ -122,8 +142,12 @@ def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path,
             old["precision_after"] = metrics.evaluate(*tuner.sample(1000, seed=2))["precision"]
             path.write_text(json.dumps(old, indent=1))
         return old
-    # one batch per iteration (DDPO-IS: per inner_epochs iterations), so every method sees args.samples images
-    iterations = max(1, round(args.samples / args.batch_size)) * getattr(tuner.config, "inner_epochs", 1)
+    # one batch per iteration (DDPO-IS: per inner_epochs iterations), so every method sees args.samples images;
+    # curve points every args.eval_every iterations of a --batch-size batch, i.e. at the same sample counts
+    b = tuner.config.batch_size
+    epochs = getattr(tuner.config, "inner_epochs", 1)
+    iterations = max(1, round(args.samples / b)) * epochs
+    eval_every = max(1, round(args.eval_every * args.batch_size / b))
 
     def score(n, seed, model=None):
         return tuner.evaluate(n, seed=seed, model=model)
@@ -131,7 +155,7 @@ def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path,
     before = score(512, 1, model)
     fraction_before = target_fraction(tuner, model)
     quality_before = metrics.evaluate(*tuner.sample(1000, seed=2, model=model))
-    curve, steps = [], list(range(0, iterations + 1, args.eval_every)) or [0]
+    curve, steps = [], list(range(0, iterations + 1, eval_every)) or [0]
     if steps[-1] != iterations:
         steps.append(iterations)
     start = time.perf_counter()
@@ -139,7 +163,7 @@ def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path,
     for it in steps:
         if it:
             t0 = time.perf_counter()
-            tuner.fit(it, run_dir=run_root / reward_name / method, progress=False, checkpoint_every=args.eval_every)
+            tuner.fit(it, run_dir=run_root / reward_name / method, progress=False, checkpoint_every=eval_every)
             train_seconds += time.perf_counter() - t0
         curve.append({"samples": tuner.samples(it), "reward": score(128, 3)["reward_mean"]})
     after = score(512, 1)
@@ -151,7 +175,8 @@ def run_one(reward_name: str, method: str, model, metrics, args, run_root: Path,
               "fid_after": quality_after["fid"], "precision_before": quality_before["precision"],
               "precision_after": quality_after["precision"],
               "samples": tuner.samples(iterations), "iterations": iterations, "seconds": train_seconds,
-              "wall_seconds": time.perf_counter() - start, "curve": curve, "kl_weight": kl_weight(method)}
+              "wall_seconds": time.perf_counter() - start, "curve": curve, "kl_weight": kl_weight(method),
+              "batch_size": b}
     if fraction_before is not None:
         result.update(target_fraction_before=fraction_before, target_fraction_after=fraction_after)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,11 +207,15 @@ def targets(results: dict) -> dict:
             margin, drift, m = max(within) if within else min(kl, key=lambda k: k[1])
             t["kl_best"] = {"method": m, "margin_in_std": margin, "fid_drift": drift,
                             "met": bool(drift <= 1.5 and margin >= 2.0)}
-        ddpo = [runs[m] for m in ("ddpo_is", "ddpo_sf") if m in runs]
+        # sample efficiency: the samples a differentiable method needs to reach the final reward of the
+        # best DDPO run (any batch size), as a fraction of that run's samples; each at its own batch size
+        unregularised = [m for m in runs if "+kl" not in m]
+        ddpo = [runs[m] for m in unregularised if base_method(m) in ("ddpo_is", "ddpo_sf")]
         if ddpo:
-            best = max(ddpo, key=lambda r: r["reward_after"])
-            for m in ("draft", "refl"):
-                if m in runs:
+            best = max(ddpo, key=lambda r: r["curve"][-1]["reward"])
+            t["ddpo_final"] = {"method": best["method"], "reward": best["curve"][-1]["reward"], "samples": best["samples"]}
+            for m in unregularised:
+                if base_method(m) in ("draft", "refl"):
                     hit = next((c["samples"] for c in runs[m]["curve"] if c["reward"] >= best["curve"][-1]["reward"]), None)
                     t[f"{m}_samples_to_ddpo_final_fraction"] = None if hit is None else hit / best["samples"]
         out[reward] = t
@@ -242,6 +271,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--samples", type=int, default=4096, help="training images per run")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-variants", nargs="*", default=[], metavar="METHOD=BATCH",
+                   help="also run METHOD with its own batch size, as the run '<method>@b<batch>' (e.g. draft=8: "
+                        "a low-variance reward gradient can take smaller batches than a score-function one)")
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kl-weights", type=float, nargs="*", default=[0.1, 1.0, 10.0],
@@ -277,13 +309,14 @@ def main(argv=None):
         torch.set_num_threads(1)
         model = pretrained(args)
         metrics = ImageMetrics(8)
-        methods = args.methods + [kl_name(m, w) for m in KL_METHODS for w in args.kl_weights if w > 0]
+        methods = (args.methods + [batch_variant(v) for v in args.batch_variants]
+                   + [kl_name(m, w) for m in KL_METHODS for w in args.kl_weights if w > 0])
         for reward_name in args.rewards:
             differentiable = bench_reward(reward_name)[0].differentiable
             for m in methods:
                 if _tuner_class(m).needs_reward_gradient and not differentiable:
                     continue
-                if m.split("+")[0] not in args.methods:
+                if base_method(m) not in args.methods:
                     continue
                 r = run_one(reward_name, m, model, metrics, args, run_root, result_root)
                 print(f"[{reward_name} / {m}] reward {r['reward_before']:.3f} -> {r['reward_after']:.3f}, "

@@ -46,3 +46,30 @@ def test_tiny_run_writes_the_issue_json_and_resumes(bench, tmp_path):
     first = json.loads(json.dumps(saved["results"]))[again["reward"]][again["method"]]
     assert again["precision_after"] == first["precision_after"]  # the final weights, not a retrained model
     assert again["precision_before"] == first["precision_before"]
+
+
+def test_run_names_carry_method_batch_and_kl(bench):
+    assert bench.base_method("draft@b8+kl1") == "draft" and bench.base_method("ddpo_is+kl0.1") == "ddpo_is"
+    assert bench.batch_size("draft@b8+kl1", 32) == 8 and bench.batch_size("draft+kl1", 32) == 32
+    assert bench.kl_weight("draft@b8+kl1") == 1.0 and bench.batch_variant("refl=4") == "refl@b4"
+    with pytest.raises(SystemExit, match="METHOD=BATCH"):
+        bench.batch_variant("draft")
+
+
+def test_batch_variant_runs_its_own_batch_on_the_same_sample_budget(bench, tmp_path):
+    args = ["--quick", "--rewards", "brightness", "--methods", "ddpo_sf", "draft", "--batch-variants", "draft=8",
+            "--kl-weights", "--samples", "32", "--batch-size", "16", "--sampling-steps", "3", "--eval-every", "1",
+            "--pretrain-steps", "20", "--pretrained-run", str(tmp_path / "pre"), "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "res" / "image_reward"), "--no-progress"]
+    saved = bench.main(args)
+    runs = saved["results"]["brightness"]
+    assert set(runs) == {"ddpo_sf", "draft", "draft@b8"}
+    assert runs["draft@b8"]["batch_size"] == 8 and runs["draft@b8"]["iterations"] == 4
+    assert runs["draft@b8"]["samples"] == runs["draft"]["samples"] == 32
+    # curve points at the same sample counts whatever the batch
+    assert [c["samples"] for c in runs["draft@b8"]["curve"]] == [c["samples"] for c in runs["ddpo_sf"]["curve"]]
+    t = saved["targets"]["brightness"]
+    assert t["ddpo_final"]["method"] == "ddpo_sf"
+    for m in ("draft", "draft@b8"):
+        hit = next((c["samples"] for c in runs[m]["curve"] if c["reward"] >= t["ddpo_final"]["reward"]), None)
+        assert t[f"{m}_samples_to_ddpo_final_fraction"] == (None if hit is None else hit / 32)
