@@ -8,6 +8,7 @@ ever see this contract and convert through :mod:`diffpolicy.parameterization`.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -30,30 +31,31 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))
 
 
-def mark_grid_time(t: Tensor) -> Tensor:
-    """Mark ``t`` as a sampler's grid time, evaluated again at every call (see :func:`time_cached`)."""
-    t._time_cache = {}
+def mark_grid_time(t: Tensor, schedule: Schedule) -> Tensor:
+    """Mark ``t`` as a grid time of ``schedule``, evaluated again at every call (see :func:`time_cached`)."""
+    t._time_cache = (weakref.ref(schedule), {})
     return t
 
 
-def time_cached(t: Tensor, key, compute: Callable[[], object]):
-    """``compute()``, a function of the time ``t`` alone, kept on ``t`` when it is a grid time.
+def time_cached(t: Tensor, schedule: Schedule, key: tuple, compute: Callable[[], object]):
+    """``compute()``, a function of the time ``t`` on ``schedule`` alone, kept on ``t`` when it is a grid time.
 
     Samplers evaluate the same grid times at every call (a policy acts with one grid at every
     environment step), so schedule coefficients and preconditioner scalings of a grid time
     (:func:`mark_grid_time`; :func:`diffpolicy.samplers.prepare_grid` marks its times) are computed
     once instead of at every network call: at batch 1 they cost as much as a small network.
-    ``key`` names everything besides ``t`` that the result depends on. Any other ``t`` (random
-    training times) computes afresh. Kept values carry no autograd history and are not inference
-    tensors, so they serve sampling with and without gradients alike.
+    ``key`` names by value everything else the result depends on. Any other ``t`` (random training
+    times), or a grid time used with another schedule, computes afresh. Kept values carry no
+    autograd history and are not inference tensors, so they serve sampling with and without
+    gradients alike; they hold no reference to the schedule or the model.
     """
-    cache = getattr(t, "_time_cache", None)
-    if cache is None:
+    mark = getattr(t, "_time_cache", None)
+    if mark is None or mark[0]() is not schedule:
         return compute()
-    value = cache.get(key)
+    value = mark[1].get(key)
     if value is None:
         with torch.inference_mode(False), torch.no_grad():
-            value = cache[key] = compute()
+            value = mark[1][key] = compute()
     return value
 
 
@@ -97,7 +99,7 @@ class DenoiserBase(nn.Module):
     def _conversion(self, t: Tensor, x: Tensor):
         """:func:`~diffpolicy.parameterization.kind_coefficients` of this prediction at ``t``, shaped
         against ``x``: ``x0 = a x + b pred``, ``eps = c x + d pred`` (kept on grid times)."""
-        return time_cached(t, ("kind_coefficients", self.prediction, self.schedule, x.dim()), lambda: kind_coefficients(
+        return time_cached(t, self.schedule, ("kind_coefficients", self.prediction, x.dim()), lambda: kind_coefficients(
             self.prediction, *self.coefficients(t, x), self.schedule.sigma_data))
 
 
@@ -157,7 +159,8 @@ class EDMPrecond(nn.Module):
         return c_skip, c_out, c_in, 1000.0 * c_noise
 
     def forward(self, net, x, t, cond, schedule):
-        k_skip, c_out, k_in, c_noise = time_cached(t, (self, schedule, x.dim()), lambda: self._time_terms(t, schedule, x))
+        key = (type(self), self.sd(schedule), getattr(self, "_sigma_min", None), x.dim())
+        k_skip, c_out, k_in, c_noise = time_cached(t, schedule, key, lambda: self._time_terms(t, schedule, x))
         return torch.addcmul(k_skip * x, c_out, net(k_in * x, c_noise, cond))
 
     def _time_terms(self, t, schedule, x):

@@ -136,7 +136,7 @@ def _make_grid(denoiser: DenoiserBase, ts: Tensor, x: Tensor) -> _Grid:
                          f"the interval or use another prediction kind")
     B = x.shape[0]
     tdtype = torch.promote_types(x.dtype, torch.float32)  # bf16 would round t = 999 to 1000
-    tvec = [mark_grid_time(torch.full((B,), float(t), dtype=tdtype, device=x.device)) for t in ts[:-1].tolist()]
+    tvec = [mark_grid_time(torch.full((B,), float(t), dtype=tdtype, device=x.device), sched) for t in ts[:-1].tolist()]
     return _Grid(len(ts) - 1, tvec, ts.tolist(), alpha.tolist(), sigma.tolist(),
                  d_alpha.tolist(), d_sigma.tolist(), [tuple(c) for c in coef.tolist()])
 

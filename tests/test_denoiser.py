@@ -148,9 +148,9 @@ def test_envs_and_agents_are_subpackages():
 # Grid-time cache: a sampler's time-only work done once per grid, never changing a result
 # ----------------------------------------------------------------------------------------
 
-def _grid_t(value, n=4):
+def _grid_t(value, sched, n=4):
     from diffpolicy.denoiser import mark_grid_time
-    return mark_grid_time(torch.full((n,), value))
+    return mark_grid_time(torch.full((n,), value), sched)
 
 
 @pytest.mark.parametrize("precond,sched", [(EDMPrecond(0.5), S.VPSDE()), (ConsistencyPrecond(0.5), S.EDM()),
@@ -158,11 +158,11 @@ def _grid_t(value, n=4):
 def test_preconditioner_on_a_grid_time_equals_a_fresh_time(precond, sched):
     den = Denoiser(_net(), sched, precond=precond)
     x, t_value = torch.randn(4, 2), 0.5
-    t = _grid_t(t_value)
+    t = _grid_t(t_value, sched)
     first, again = den(x, t), den(x + 1, t)  # the second call reads the kept scalings
     torch.testing.assert_close(first, den(x, torch.full((4,), t_value)))
     torch.testing.assert_close(again, den(x + 1, torch.full((4,), t_value)))
-    assert len(t._time_cache) == 1
+    assert len(t._time_cache[1]) == 1
 
 
 def test_time_cached_computes_once_per_grid_time_and_always_for_others():
@@ -172,21 +172,23 @@ def test_time_cached_computes_once_per_grid_time_and_always_for_others():
     def compute():
         calls.append(1)
         return torch.ones(3)
-    plain, grid = torch.zeros(3), _grid_t(0.0, 3)
+    sched = S.EDM()
+    plain, grid = torch.zeros(3), _grid_t(0.0, sched, 3)
     for _ in range(3):
-        time_cached(plain, "k", compute)
+        time_cached(plain, sched, ("k",), compute)
     assert len(calls) == 3
     for _ in range(3):
-        time_cached(grid, "k", compute)
+        time_cached(grid, sched, ("k",), compute)
     assert len(calls) == 4
-    time_cached(grid, "other", compute)  # another key is another quantity
-    assert len(calls) == 5
+    time_cached(grid, sched, ("other",), compute)  # another key is another quantity
+    time_cached(grid, S.EDM(), ("k",), compute)  # another schedule: not this grid's
+    assert len(calls) == 6
 
 
 def test_time_cache_filled_in_inference_mode_serves_autograd_later():
     net, sched = _net(), S.EDM()
     den = ClipX0(Denoiser(net, sched, precond=ConsistencyPrecond(0.5)), 1.0)
-    t, x = _grid_t(2.0), torch.randn(4, 2)
+    t, x = _grid_t(2.0, sched), torch.randn(4, 2)
     with torch.inference_mode():
         den(x, t)
     den(x, t).sum().backward()
@@ -199,10 +201,24 @@ def test_x0_alone_equals_x0_eps_for_every_kind():
     for kind in ("eps", "x0", "v", "rf_velocity", "score"):
         den = Denoiser(_net(), sched, prediction=kind)
         torch.testing.assert_close(den.x0(x, t), den.x0_eps(x, t)[0])
-        torch.testing.assert_close(den.x0(x, _grid_t(0.3, 5)), den.x0_eps(x, t)[0])
+        torch.testing.assert_close(den.x0(x, _grid_t(0.3, sched, 5)), den.x0_eps(x, t)[0])
 
 
 def test_edm_precond_still_refuses_alpha_zero_on_a_grid_time():
-    den = Denoiser(_net(), S.RectifiedFlow(), precond=EDMPrecond(0.5))
+    sched = S.RectifiedFlow()
+    den = Denoiser(_net(), sched, precond=EDMPrecond(0.5))
     with pytest.raises(ValueError, match="alpha_t"):
-        den(torch.randn(4, 2), _grid_t(1.0))
+        den(torch.randn(4, 2), _grid_t(1.0, sched))
+
+
+def test_grid_time_cache_keeps_no_model_or_schedule_alive():
+    import gc
+    import weakref
+    from diffpolicy.samplers import sample
+    sched = S.EDM()
+    den = ClipX0(Denoiser(_net(), sched, precond=ConsistencyPrecond(0.5)), 1.0)
+    sample(den, (3, 2), 2, "consistency")
+    alive = weakref.ref(sched), weakref.ref(den)
+    del den, sched
+    gc.collect()
+    assert alive[0]() is None and alive[1]() is None
