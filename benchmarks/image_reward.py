@@ -216,10 +216,20 @@ def targets(results: dict) -> dict:
             t["ddpo_final"] = {"method": best["method"], "reward": best["curve"][-1]["reward"], "samples": best["samples"]}
             for m in unregularised:
                 if base_method(m) in ("draft", "refl"):
-                    hit = next((c["samples"] for c in runs[m]["curve"] if c["reward"] >= best["curve"][-1]["reward"]), None)
+                    hit = samples_to(runs[m]["curve"], best["curve"][-1]["reward"])
                     t[f"{m}_samples_to_ddpo_final_fraction"] = None if hit is None else hit / best["samples"]
+            # below saturation: samples to cover 1/4, 1/2, 3/4 of the way from the start to that final reward
+            start = best["curve"][0]["reward"]
+            levels = [start + f * (best["curve"][-1]["reward"] - start) for f in (0.25, 0.5, 0.75)]
+            t["samples_to_levels"] = {"levels": levels, **{m: [samples_to(runs[m]["curve"], v) for v in levels]
+                                                           for m in unregularised}}
         out[reward] = t
     return out
+
+
+def samples_to(curve: list, level: float) -> int | None:
+    """Training samples at the first curve point whose reward reaches ``level`` (None: never)."""
+    return next((c["samples"] for c in curve if c["reward"] >= level), None)
 
 
 def write_outputs(report: dict, out: Path) -> None:
@@ -240,6 +250,14 @@ def write_outputs(report: dict, out: Path) -> None:
                          + ("".join(f" {r[k]:.1%} |" if k in r else " — |"
                                     for k in ("target_fraction_before", "target_fraction_after")) if frac else ""))
         lines.append("")
+        levels = report["targets"].get(reward, {}).get("samples_to_levels")
+        if levels:
+            lines += [f"Training samples to reach 1/4, 1/2, 3/4 of the way to {report['targets'][reward]['ddpo_final']['method']}'s "
+                      "final reward (" + ", ".join(f"{v:.3f}" for v in levels["levels"]) + "):", "",
+                      "| method | 1/4 | 1/2 | 3/4 |", "|---|---:|---:|---:|"]
+            lines += [f"| {m} | " + " | ".join("—" if n is None else str(n) for n in hits) + " |"
+                      for m, hits in levels.items() if m != "levels"]
+            lines.append("")
     lines += ["## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report["budget"]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:

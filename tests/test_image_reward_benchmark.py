@@ -73,3 +73,8 @@ def test_batch_variant_runs_its_own_batch_on_the_same_sample_budget(bench, tmp_p
     for m in ("draft", "draft@b8"):
         hit = next((c["samples"] for c in runs[m]["curve"] if c["reward"] >= t["ddpo_final"]["reward"]), None)
         assert t[f"{m}_samples_to_ddpo_final_fraction"] == (None if hit is None else hit / 32)
+    start, final = runs["ddpo_sf"]["curve"][0]["reward"], runs["ddpo_sf"]["curve"][-1]["reward"]
+    assert t["samples_to_levels"]["levels"] == pytest.approx([start + f * (final - start) for f in (0.25, 0.5, 0.75)])
+    assert t["samples_to_levels"]["ddpo_sf"][-1] in (16, 32)  # its own curve reaches 3/4 of its final gain
+    assert bench.samples_to([{"samples": 0, "reward": 0.0}, {"samples": 8, "reward": 2.0}], 1.0) == 8
+    assert bench.samples_to([{"samples": 0, "reward": 0.0}], 1.0) is None
