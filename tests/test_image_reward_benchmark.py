@@ -78,3 +78,19 @@ def test_batch_variant_runs_its_own_batch_on_the_same_sample_budget(bench, tmp_p
     assert t["samples_to_levels"]["ddpo_sf"][-1] in (16, 32)  # its own curve reaches 3/4 of its final gain
     assert bench.samples_to([{"samples": 0, "reward": 0.0}, {"samples": 8, "reward": 2.0}], 1.0) == 8
     assert bench.samples_to([{"samples": 0, "reward": 0.0}], 1.0) is None
+
+
+def test_reward_frontier_rows_on_a_tiny_model(load_benchmark, tmp_path):
+    frontier = load_benchmark("reward_frontier")
+    out = tmp_path / "frontier"
+    report = frontier.main(["--betas", "1000", "0.01", "--pool", "64", "--sampling-steps", "3", "--pretrain-steps", "20",
+                            "--base-channels", "8", "--pretrained-run", str(tmp_path / "pre"), "--out", str(out)])
+    rep = report["rewards"]["brightness"]
+    assert json.loads(out.with_suffix(".json").read_text()) == report and "| gamma | 0.8 |" in out.with_suffix(".md").read_text()
+    rows = {(r["how"], r["value"]): r for r in rep["rows"]}
+    flat = rows[("kl_optimum", 1000.0)]  # beta -> infinity: the pre-trained distribution, every sample equally likely
+    assert flat["ess"] == pytest.approx(64, rel=1e-3) and abs(flat["margin_in_std"]) < 1.0
+    assert rows[("kl_optimum", 0.01)]["margin_in_std"] > flat["margin_in_std"]  # tilted toward brighter samples
+    gains = [rows[("gamma", g)]["margin_in_std"] for g in (0.9, 0.8, 0.7, 0.6)]
+    assert 0 < gains[0] < gains[1] < gains[2] < gains[3]  # a smaller exponent brightens more
+    assert all(r["fid_drift"] > 0 and 0 <= r["precision"] <= 1 for r in rep["rows"])
