@@ -154,12 +154,16 @@ class EDMPrecond(nn.Module):
         """``sigma_data``: the one given, else the schedule's (one source of truth)."""
         return schedule.sigma_data if self._sigma_data is None else self._sigma_data
 
+    def _settings(self) -> tuple:
+        """What the scalings depend on besides the time and the schedule (a grid time's cache key)."""
+        return (self._sigma_data,)
+
     def scalings(self, sigma, schedule):
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sd(schedule))
         return c_skip, c_out, c_in, 1000.0 * c_noise
 
     def forward(self, net, x, t, cond, schedule):
-        key = (type(self), self.sd(schedule), getattr(self, "_sigma_min", None), x.dim())
+        key = (type(self), *self._settings(), x.dim())
         k_skip, c_out, k_in, c_noise = time_cached(t, schedule, key, lambda: self._time_terms(t, schedule, x))
         return torch.addcmul(k_skip * x, c_out, net(k_in * x, c_noise, cond))
 
@@ -186,6 +190,9 @@ class ConsistencyPrecond(EDMPrecond):
     def __init__(self, sigma_data: float | None = None, sigma_min: float | None = None):
         super().__init__(sigma_data)
         self._sigma_min = sigma_min
+
+    def _settings(self) -> tuple:
+        return (self._sigma_data, self._sigma_min)
 
     def scalings(self, sigma, schedule):
         sigma_min = getattr(schedule, "sigma_min", 0.002) if self._sigma_min is None else self._sigma_min

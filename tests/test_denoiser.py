@@ -222,3 +222,12 @@ def test_grid_time_cache_keeps_no_model_or_schedule_alive():
     del den, sched
     gc.collect()
     assert alive[0]() is None and alive[1]() is None
+
+
+def test_grid_time_cache_tells_preconditioner_settings_apart():
+    net, sched = _net(), S.EDM()
+    t, x = _grid_t(1.0, sched), torch.randn(4, 2)
+    for precond in (ConsistencyPrecond(0.5, 0.002), ConsistencyPrecond(0.5, 0.5), ConsistencyPrecond(1.0, 0.002),
+                    EDMPrecond(0.5)):
+        den = Denoiser(net, sched, precond=precond)
+        torch.testing.assert_close(den(x, t), den(x, torch.full((4,), 1.0)))
