@@ -195,13 +195,19 @@ def test_time_cache_filled_in_inference_mode_serves_autograd_later():
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_x0_alone_equals_x0_eps_for_every_kind():
+def test_x0_and_x0_eps_are_the_parameterization_formulas_on_any_time():
+    from diffpolicy.parameterization import to_x0_eps
     sched = S.VPSDE()
     x, t = torch.randn(5, 2), torch.full((5,), 0.3)
+    alpha, sigma = (v[:, None] for v in sched.alpha_sigma(t))
+    d_alpha, d_sigma = (v[:, None] for v in sched.derivatives(t))
     for kind in ("eps", "x0", "v", "rf_velocity", "score"):
         den = Denoiser(_net(), sched, prediction=kind)
-        torch.testing.assert_close(den.x0(x, t), den.x0_eps(x, t)[0])
-        torch.testing.assert_close(den.x0(x, _grid_t(0.3, sched, 5)), den.x0_eps(x, t)[0])
+        ref = to_x0_eps(kind, den(x, t), x, alpha, sigma, d_alpha, d_sigma, sched.sigma_data)
+        for time in (t, _grid_t(0.3, sched, 5)):
+            for got, want in zip(den.x0_eps(x, time), ref):
+                torch.testing.assert_close(got, want)
+            torch.testing.assert_close(den.x0(x, time), ref[0])
 
 
 def test_edm_precond_still_refuses_alpha_zero_on_a_grid_time():
