@@ -93,6 +93,8 @@ class DenoiserBase(nn.Module):
         """``x0_hat`` at ``(x_t, t)``: ``x0_eps(x, t, cond)[0]`` without computing ``eps_hat``."""
         t = _time_vector(t, x)
         pred = self(x, t, cond)
+        if self.prediction == "x0":  # nothing to convert (consistency models, EDM, clipped wrappers)
+            return pred
         a, b, _, _ = self._conversion(t, x)
         return torch.addcmul(b * pred, a, x)
 

@@ -385,7 +385,7 @@ def sample_consistency(denoiser, x, ts, *, cond=None, noise=None, generator=None
         p = denoiser(x, g.t[i], cond)
         _callback(callback, g, i, x, p)
         a, b, _, _ = g.coef[i]
-        x0 = x.mul(a).add_(p, alpha=b)
+        x0 = p if denoiser.prediction == "x0" else x.mul(a).add_(p, alpha=b)
     return x0
 
 
