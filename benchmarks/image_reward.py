@@ -290,8 +290,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=4096, help="training images per run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batch-variants", nargs="*", default=[], metavar="METHOD=BATCH",
-                   help="also run METHOD with its own batch size, as the run '<method>@b<batch>' (e.g. draft=8: "
-                        "a low-variance reward gradient can take smaller batches than a score-function one)")
+                   help="also run METHOD with its own batch size, as the run '<method>@b<batch>' (e.g. draft=8; "
+                        "the same sample budget, so a smaller batch takes more updates)")
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kl-weights", type=float, nargs="*", default=[0.1, 1.0, 10.0],
