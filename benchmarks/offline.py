@@ -295,6 +295,25 @@ def write_outputs(report: dict, out: Path) -> None:
         pass
 
 
+MEASURED = ("throughput", "throughput_ratio_vs_bare", "latency_ms")
+
+
+def measured_before(out: Path) -> dict:
+    """The throughput and latency figures of the table already at ``out``: a table rewritten without
+    measuring them (after each finished run, ``--assemble``) keeps the last ones."""
+    path = out.with_suffix(".json")
+    old = json.loads(path.read_text()) if path.exists() else {}
+    return {k: old[k] for k in MEASURED if k in old}
+
+
+def with_latency_ratios(report: dict) -> dict:
+    lat = report.get("latency_ms", {})
+    if "consistency_bc" in lat and "diffusion_bc" in lat:
+        report["latency_ratio_consistency_vs_diffusion"] = lat["consistency_bc"] / lat["diffusion_bc"]
+        report["latency_ratio_consistency_1step_vs_diffusion"] = lat["consistency_bc_1step"] / lat["diffusion_bc"]
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--env", default="Hopper-v5")
@@ -355,29 +374,19 @@ def main(argv=None):
                     if res is None:  # --rescore: not finished under this budget
                         continue
                     print(f"[{q} {name} seed {seed}] score {res['score']:.1f} ({time.time() - t:.0f} s)", flush=True)
-                    write_outputs({**assemble(result_root, args.env, *table_keys, args.steps), "budget": budget}, out)
-    report = {**assemble(result_root, args.env, *table_keys, args.steps), "budget": budget}
+                    write_outputs(with_latency_ratios({**assemble(result_root, args.env, *table_keys, args.steps),
+                                                       "budget": budget, **measured_before(out)}), out)
+    report = {**assemble(result_root, args.env, *table_keys, args.steps), "budget": budget, **measured_before(out)}
     measure = (not args.assemble or args.measure)
     if measure and not args.no_throughput:
         q0 = args.qualities[0]
         tp = throughput_ratio(OfflineData.from_minari(load_dataset(dataset_id(args.env, q0), download=False)),
                               steps=100 if args.quick else 300)
         report["throughput"], report["throughput_ratio_vs_bare"] = tp, tp["ratio"]
-    elif out.with_suffix(".json").exists():
-        old = json.loads(out.with_suffix(".json").read_text())
-        for k in ("throughput", "throughput_ratio_vs_bare"):
-            if k in old:
-                report[k] = old[k]
     if measure:
         d0 = OfflineData.from_minari(load_dataset(dataset_id(args.env, args.qualities[0]), download=False))
         report["latency_ms"] = latency_table(d0.obs_dim, d0.act_dim, DEFAULT_AGENTS, args.steps)
-    elif out.with_suffix(".json").exists():
-        report["latency_ms"] = json.loads(out.with_suffix(".json").read_text()).get("latency_ms", {})
-    lat = report.get("latency_ms", {})
-    if "consistency_bc" in lat and "diffusion_bc" in lat:
-        report["latency_ratio_consistency_vs_diffusion"] = lat["consistency_bc"] / lat["diffusion_bc"]
-        report["latency_ratio_consistency_1step_vs_diffusion"] = lat["consistency_bc_1step"] / lat["diffusion_bc"]
-    write_outputs(report, out)
+    write_outputs(with_latency_ratios(report), out)
     print(out.with_suffix(".md").read_text())
 
 
