@@ -39,8 +39,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # benchmarks/timing.py, shared
+from timing import measured_before  # noqa: E402
+
 DIFFUSION_METHODS = ["dppo", "drwr", "dawr", "qsm"]
 METHODS = DIFFUSION_METHODS + ["gaussian_ppo", "sb3_ppo", "sb3_sac"]
+MEASURED = ("rollout", "dppo_rollout_ratio_vs_bare")  # kept by rewrites that do not time
 
 
 def bc_settings(name: str, args) -> dict:
@@ -359,13 +363,13 @@ def main(argv=None):
                 t = time.time()
                 r = run_one(m, args.env, data, bc, gbc, seed, args, run_root, result_root)
                 print(f"[{m} seed {seed}] final score {r['final_score']:.1f} ({time.time() - t:.0f} s)", flush=True)
-                write_outputs({**assemble(result_root, args.env, METHODS, args.env_steps), "budget": budget}, out)
-        if not args.no_rollout_ratio:
-            rr = rollout_ratio(bc, data, args.env, args.num_envs, min(args.steps_per_iter, 100), args.ft_steps)
-            report["rollout"], report["dppo_rollout_ratio_vs_bare"] = rr, rr["ratio"]
-    elif out.with_suffix(".json").exists():
-        old = json.loads(out.with_suffix(".json").read_text())
-        report.update({k: old[k] for k in ("rollout", "dppo_rollout_ratio_vs_bare") if k in old})
+                write_outputs({**assemble(result_root, args.env, METHODS, args.env_steps), "budget": budget,
+                               **measured_before(out, MEASURED)}, out)
+    if not args.assemble and not args.no_rollout_ratio:
+        rr = rollout_ratio(bc, data, args.env, args.num_envs, min(args.steps_per_iter, 100), args.ft_steps)
+        report["rollout"], report["dppo_rollout_ratio_vs_bare"] = rr, rr["ratio"]
+    else:
+        report.update(measured_before(out, MEASURED))
     # the table holds every finished run, also those of other invocations (e.g. another --methods)
     report = {**assemble(result_root, args.env, METHODS, args.env_steps), "budget": budget, **report}
     write_outputs(report, out)

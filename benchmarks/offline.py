@@ -41,6 +41,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # benchmarks/timing.py, shared
+from timing import measured_before  # noqa: E402
+
 DEFAULT_AGENTS = ["gaussian_bc", "diffusion_bc", "diffusion_bc_t0", "td3_bc", "iql", "idql", "diffusion_ql", "consistency_bc",
                   "consistency_bc_cd", "consistency_ac", "diffusion_policy"]
 DEFAULT_QUALITIES = ["medium-replay", "medium", "medium-expert"]
@@ -295,15 +298,7 @@ def write_outputs(report: dict, out: Path) -> None:
         pass
 
 
-MEASURED = ("throughput", "throughput_ratio_vs_bare", "latency_ms")
-
-
-def measured_before(out: Path) -> dict:
-    """The throughput and latency figures of the table already at ``out``: a table rewritten without
-    measuring them (after each finished run, ``--assemble``) keeps the last ones."""
-    path = out.with_suffix(".json")
-    old = json.loads(path.read_text()) if path.exists() else {}
-    return {k: old[k] for k in MEASURED if k in old}
+MEASURED = ("throughput", "throughput_ratio_vs_bare", "latency_ms")  # kept by rewrites that do not time
 
 
 def with_latency_ratios(report: dict) -> dict:
@@ -375,8 +370,8 @@ def main(argv=None):
                         continue
                     print(f"[{q} {name} seed {seed}] score {res['score']:.1f} ({time.time() - t:.0f} s)", flush=True)
                     write_outputs(with_latency_ratios({**assemble(result_root, args.env, *table_keys, args.steps),
-                                                       "budget": budget, **measured_before(out)}), out)
-    report = {**assemble(result_root, args.env, *table_keys, args.steps), "budget": budget, **measured_before(out)}
+                                                       "budget": budget, **measured_before(out, MEASURED)}), out)
+    report = {**assemble(result_root, args.env, *table_keys, args.steps), "budget": budget, **measured_before(out, MEASURED)}
     measure = (not args.assemble or args.measure)
     if measure and not args.no_throughput:
         q0 = args.qualities[0]

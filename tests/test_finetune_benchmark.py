@@ -34,6 +34,10 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
     md = (tmp_path / "out" / "finetune.md").read_text()
     again = bench.main(args + ["--assemble"])  # no training: the same table from the run files
     assert again["results"] == rep["results"] and (tmp_path / "out" / "finetune.md").read_text() == md
+    # a sweep that does not time (--no-rollout-ratio: every run here is finished) keeps the measured ratio
+    kept = bench.main(args + ["--no-rollout-ratio"])
+    assert kept["dppo_rollout_ratio_vs_bare"] == rep["dppo_rollout_ratio_vs_bare"] and kept["rollout"] == rep["rollout"]
+    assert json.loads((tmp_path / "out" / "finetune.json").read_text())["dppo_rollout_ratio_vs_bare"] == rep["dppo_rollout_ratio_vs_bare"]
     # --pretrained: a BC run directory (or its checkpoint) restores that run's agent, with its own settings
     bc_run = tmp_path / "runs" / "pretrain" / "diffusion_bc"
     bc = bench.load_pretrained("diffusion_bc", str(bc_run / "checkpoint.safetensors"))

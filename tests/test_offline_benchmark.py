@@ -96,14 +96,14 @@ def test_latency_table_covers_variants_and_the_one_step_consistency_sampler():
 
 def test_a_table_rewritten_without_measuring_keeps_the_measured_figures(tmp_path):
     out = tmp_path / "offline"
-    assert bench.measured_before(out) == {}
+    assert bench.measured_before(out, bench.MEASURED) == {}
     lat = {"diffusion_bc": 0.6, "consistency_bc": 0.3, "consistency_bc_1step": 0.15}
     out.with_suffix(".json").write_text(json.dumps({"results": {}, "throughput_ratio_vs_bare": 0.9,
                                                     "throughput": {"ratio": 0.9, "ours_steps_per_s": 9.0, "bare_steps_per_s": 10.0},
                                                     "latency_ms": lat, "other": 1}))
-    kept = bench.measured_before(out)
+    kept = bench.measured_before(out, bench.MEASURED)
     assert set(kept) == {"throughput_ratio_vs_bare", "throughput", "latency_ms"} and kept["latency_ms"] == lat
     rep = bench.with_latency_ratios({"env": "Hopper-v5", "results": {}, "curves": {}, "budget": "b", **kept})
     assert rep["latency_ratio_consistency_vs_diffusion"] == pytest.approx(0.5)
     bench.write_outputs(rep, out)
-    assert bench.measured_before(out) == kept  # the per-run rewrite during a sweep loses nothing
+    assert bench.measured_before(out, bench.MEASURED) == kept  # the per-run rewrite during a sweep loses nothing
