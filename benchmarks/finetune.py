@@ -8,7 +8,11 @@ with ``--pretrained`` / ``--gaussian-pretrained`` (run directories or checkpoint
 (method, seed) run has its own directory ``<runs>/<env>/<method>/seed<k>/`` (checkpoints,
 CSV/TensorBoard logs; not committed) and writes ``benchmarks/results/finetune_runs/<env>/<method>/seed<k>.json``
 (committed) when it finishes; the table is assembled from whatever results exist, so a sweep
-continues where it stopped (an unfinished run resumes from its checkpoint).
+continues where it stopped (an unfinished run resumes from its checkpoint). The table at a budget
+takes every run that reached it, cut at its first evaluation at or after the budget: a run's
+first ``B`` environment steps do not depend on its total budget (no schedule looks at it; SB3
+SAC's learning start, ``min(5000, budget / 10)``, does below 5e4 steps), so a 2e6-step run also
+stands for the 1e6-step one, and ``--results`` lets tables at several budgets share one store of runs.
 
 Reported per method: D4RL-normalised score (deterministic evaluation on ``--eval-episodes``
 episodes) against environment steps (PNG: mean ± std over seeds), the score at 25 / 50 / 100 %
@@ -25,6 +29,8 @@ Usage::
     python benchmarks/finetune.py --quick                           # smoke run, minutes
     python benchmarks/finetune.py --seeds 0 1 2                     # the full Hopper-v5 run (1e6 env steps)
     python benchmarks/finetune.py --assemble                        # table from finished runs only
+    python benchmarks/finetune.py --env-steps 2000000 --out benchmarks/results/finetune_2e6 \
+        --results benchmarks/results/finetune_runs                  # 2e6 steps, the same store of runs
 """
 from __future__ import annotations
 
@@ -225,11 +231,22 @@ def rollout_ratio(bc, data, env_id: str, num_envs: int, steps: int, ft_steps: in
             "num_envs": num_envs, "steps": steps, "denoising_steps": K}
 
 
+def at_budget(run: dict, budget: int) -> dict | None:
+    """``run`` cut at its first evaluation at or after ``budget`` environment steps (``None``: it has
+    not reached the budget). A longer run's prefix is the shorter run: nothing depends on the total."""
+    if run["env_steps"] < budget:
+        return None
+    k = next((i for i, s in enumerate(run["steps"]) if s >= budget), None)
+    if k is None:
+        return None
+    return {**run, "steps": run["steps"][:k + 1], "scores": run["scores"][:k + 1], "final_score": run["scores"][k]}
+
+
 def assemble(result_root: Path, env_id: str, methods, budget: int) -> dict:
     results, curves = {}, {}
     for m in methods:
-        runs = [json.loads(p.read_text()) for p in sorted((result_root / m).glob("seed*.json"))]
-        runs = [r for r in runs if r["env_steps"] >= budget]
+        runs = [at_budget(json.loads(p.read_text()), budget) for p in sorted((result_root / m).glob("seed*.json"))]
+        runs = [r for r in runs if r is not None]
         if not runs:
             continue
         finals = [r["final_score"] for r in runs]
@@ -318,6 +335,8 @@ def main(argv=None):
     p.add_argument("--behaviour-steps", type=int, default=150_000)
     p.add_argument("--runs", default=None, help="run directories (default benchmarks/runs/finetune/<env>)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/finetune)")
+    p.add_argument("--results", default=None, help="the store of per-run result files (default <out>_runs): "
+                   "tables at several --env-steps can share one")
     p.add_argument("--quick", action="store_true", help="smoke run: Pendulum-v1, tiny budgets, one seed")
     p.add_argument("--assemble", action="store_true", help="only rebuild the table from finished runs")
     p.add_argument("--no-rollout-ratio", action="store_true")
@@ -335,12 +354,12 @@ def main(argv=None):
     tag = "finetune_quick" if args.quick else "finetune"
     out = Path(args.out) if args.out else ROOT / "results" / tag
     run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag / args.env
-    result_root = out.parent / f"{out.name}_runs" / args.env
+    result_root = (Path(args.results) if args.results else out.parent / f"{out.name}_runs") / args.env
     budget = (f"Budget: {args.env_steps} environment steps per run ({args.num_envs} envs x {args.steps_per_iter} "
               f"decisions per iteration; diffusion policies act in chunks of {args.action_chunk}), evaluation every "
               f"{args.eval_every} iterations on {args.eval_episodes} episodes; pre-trained BC: {args.pretrain_steps} "
               f"gradient steps on {args.env} {args.quality} (diffusion: {args.denoising_steps} cosine steps, DPPO "
-              f"fine-tunes the last {args.ft_steps}); seeds {args.seeds}.")
+              f"fine-tunes the last {args.ft_steps}); seeds: the table's last column.")
 
     from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
 

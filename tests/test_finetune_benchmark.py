@@ -44,3 +44,26 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
     assert bc.config.horizon == 2 and bc.config.diffusion_steps == 6
     with pytest.raises(ValueError, match="holds a diffusion_bc run, not gaussian_bc"):
         bench.load_pretrained("gaussian_bc", str(bc_run))
+
+
+def _run(root, method, seed, steps, scores):
+    p = root / method / f"seed{seed}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"method": method, "seed": seed, "env_steps": steps[-1], "steps": steps, "scores": scores,
+                             "final_score": scores[-1], "seconds_per_iter": 1.0}))
+
+
+def test_a_table_at_a_budget_takes_every_run_that_reached_it_cut_there(tmp_path):
+    _run(tmp_path, "dppo", 0, [0, 100, 200, 300, 400], [10.0, 11.0, 12.0, 13.0, 14.0])  # a longer run
+    _run(tmp_path, "dppo", 1, [0, 100, 200], [10.0, 15.0, 20.0])
+    _run(tmp_path, "dawr", 0, [0, 100], [10.0, 11.0])  # short of both budgets
+    _run(tmp_path, "sb3_ppo", 0, [0, 100, 200, 208], [0.0, 1.0, 2.0, 3.0])  # SB3 ends past its last regular evaluation
+    short = bench.assemble(tmp_path, "E", bench.METHODS, 200)["results"]
+    assert set(short) == {"dppo", "sb3_ppo"}
+    assert short["dppo"]["env_steps"] == [0, 100, 200] and short["dppo"]["final_score_mean"] == pytest.approx(16.0)
+    assert short["dppo"]["seeds"] == [0, 1] and short["dppo"]["at_50"] == pytest.approx(13.0)
+    assert short["sb3_ppo"]["final_score_mean"] == 2.0  # the evaluation at the budget, not the run's last
+    long = bench.assemble(tmp_path, "E", bench.METHODS, 400)["results"]
+    assert set(long) == {"dppo"} and long["dppo"]["seeds"] == [0] and long["dppo"]["final_score_mean"] == 14.0
+    assert bench.at_budget({"env_steps": 150, "steps": [0, 100, 150], "scores": [0, 1, 2]}, 120)["final_score"] == 2
+    assert bench.at_budget({"env_steps": 100, "steps": [0, 100], "scores": [0, 1]}, 120) is None
