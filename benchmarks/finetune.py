@@ -88,7 +88,9 @@ def make_method(name: str, bc, gbc, args):
     from diffpolicy.agents import make_online_agent
 
     if name == "gaussian_ppo":  # one action per decision: as many decisions as env steps in an iteration
-        return make_online_agent(name, gbc, num_envs=args.num_envs, steps_per_iter=args.steps_per_iter * args.action_chunk)
+        clip = {} if args.gaussian_clip is None else {"clip_epsilon": args.gaussian_clip}
+        return make_online_agent(name, gbc, num_envs=args.num_envs, steps_per_iter=args.steps_per_iter * args.action_chunk,
+                                 **clip)
     common = dict(num_envs=args.num_envs, steps_per_iter=args.steps_per_iter)
     if name == "dppo":  # PPO on the last ft_steps denoising steps
         common["ft_steps"] = min(args.ft_steps, bc.config.diffusion_steps)
@@ -325,6 +327,9 @@ def main(argv=None):
     p.add_argument("--dppo-clip", type=float, default=None, help="DPPO's PPO clip, flat over the fine-tuned steps "
                    "(default: DPPOConfig's 0.01); use a separate --out / --runs for such sensitivity runs")
     p.add_argument("--dppo-actor-lr", type=float, default=None, help="DPPO's actor learning rate (default 1e-4)")
+    p.add_argument("--gaussian-clip", type=float, default=None, help="Gaussian PPO's clip (default: GaussianPPOConfig's "
+                   "0.2, standard PPO; the DPPO paper's Gaussian fine-tuning baselines use DPPO's 0.01); a separate "
+                   "--out / --runs, as for --dppo-clip")
     p.add_argument("--action-chunk", type=int, default=4, help="actions per diffusion decision (DPPO: 4)")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)

@@ -67,3 +67,20 @@ def test_a_table_at_a_budget_takes_every_run_that_reached_it_cut_there(tmp_path)
     assert set(long) == {"dppo"} and long["dppo"]["seeds"] == [0] and long["dppo"]["final_score_mean"] == 14.0
     assert bench.at_budget({"env_steps": 150, "steps": [0, 100, 150], "scores": [0, 1, 2]}, 120)["final_score"] == 2
     assert bench.at_budget({"env_steps": 100, "steps": [0, 100], "scores": [0, 1]}, 120) is None
+
+
+def test_the_clip_options_reach_the_agents():
+    import argparse
+
+    from diffpolicy.agents import make_agent
+
+    gbc, bc = make_agent("gaussian_bc", 3, 2), make_agent("diffusion_bc", 3, 2, diffusion_steps=6, horizon=2)
+    args = argparse.Namespace(num_envs=2, steps_per_iter=5, action_chunk=2, ft_steps=3, dppo_clip=None,
+                              dppo_actor_lr=None, gaussian_clip=None)
+    default_g, default_d = bench.make_method("gaussian_ppo", bc, gbc, args), bench.make_method("dppo", bc, gbc, args)
+    assert default_g.config.clip_epsilon == 0.2 and default_g.config.steps_per_iter == 10  # unchunked: 2 x 5 decisions
+    assert (default_d.config.clip_epsilon, default_d.config.ft_steps) == (0.01, 3)
+    args.gaussian_clip, args.dppo_clip = 0.01, 0.02
+    assert bench.make_method("gaussian_ppo", bc, gbc, args).config.clip_epsilon == 0.01
+    dppo = bench.make_method("dppo", bc, gbc, args)
+    assert dppo.config.clip_epsilon == dppo.config.clip_epsilon_base == 0.02
