@@ -161,7 +161,19 @@ def run_sb3(name: str, env_id: str, data, seed: int, args, run_dir: Path) -> dic
             "env_steps": model.num_timesteps}
 
 
-def run_one(name: str, env_id: str, data, bc, gbc, seed: int, args, run_root: Path, result_root: Path) -> dict:
+def pretrained_record(agent, source: Path) -> dict:
+    """Where a fine-tuning run started from, as ``diffpolicy finetune`` records it in ``config.json``: a
+    benchmark run then opens with :func:`~diffpolicy.agents.load_agent` and ``diffpolicy eval``."""
+    from diffpolicy.agents import describe_agent
+
+    source = Path(source)
+    return {"run": str((source.parent if source.is_file() else source).resolve()), **describe_agent(agent)}
+
+
+def run_one(name: str, env_id: str, data, bc, gbc, seed: int, args, run_root: Path, result_root: Path,
+            sources: dict | None = None) -> dict:
+    """One (method, seed) run, or its finished result. ``sources``: the run directories of ``bc`` and
+    ``gbc`` (``{"diffusion_bc": dir, "gaussian_bc": dir}``), recorded in the run's ``config.json``."""
     from diffpolicy.agents.online import OnlineConfig, train_online
 
     result_path = result_root / name / f"seed{seed}.json"
@@ -178,7 +190,10 @@ def run_one(name: str, env_id: str, data, bc, gbc, seed: int, args, run_root: Pa
         agent = make_method(name, bc, gbc, args)
         cfg = OnlineConfig(env_steps=args.env_steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                            checkpoint_every=args.eval_every, seed=seed)
-        res = train_online(agent, env_id, data, cfg, run_dir=run_dir, progress=not args.no_progress)
+        base, kind = (gbc, "gaussian_bc") if name == "gaussian_ppo" else (bc, "diffusion_bc")
+        source = (sources or {}).get(kind)
+        res = train_online(agent, env_id, data, cfg, run_dir=run_dir, progress=not args.no_progress,
+                           pretrained=pretrained_record(base, source) if source is not None else None)
         history = res["history"]
         out = {"env_steps": res["env_steps"], "seconds_per_iter": res["train_seconds"] / max(1, res["iterations"])}
     result = {"env": env_id, "method": name, "seed": seed, "env_steps": out["env_steps"],
@@ -380,12 +395,15 @@ def main(argv=None):
     if not args.assemble and "gaussian_ppo" in args.methods:
         gbc = (load_pretrained("gaussian_bc", args.gaussian_pretrained) if args.gaussian_pretrained
                else pretrain("gaussian_bc", data, args.pretrain_steps, run_root, 0, not args.no_progress, {}))
+    sources = {"diffusion_bc": Path(args.pretrained) if args.pretrained else run_root / "pretrain" / "diffusion_bc",
+               "gaussian_bc": (Path(args.gaussian_pretrained) if args.gaussian_pretrained
+                               else run_root / "pretrain" / "gaussian_bc")}
     report = {}
     if not args.assemble:
         for seed in args.seeds:
             for m in args.methods:
                 t = time.time()
-                r = run_one(m, args.env, data, bc, gbc, seed, args, run_root, result_root)
+                r = run_one(m, args.env, data, bc, gbc, seed, args, run_root, result_root, sources)
                 print(f"[{m} seed {seed}] final score {r['final_score']:.1f} ({time.time() - t:.0f} s)", flush=True)
                 write_outputs({**assemble(result_root, args.env, METHODS, args.env_steps), "budget": budget,
                                **measured_before(out, MEASURED)}, out)

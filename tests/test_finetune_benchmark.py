@@ -27,8 +27,13 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
     assert (tmp_path / "out" / "finetune.png").exists()
     pre = json.loads((tmp_path / "runs" / "pretrain" / "diffusion_bc" / "config.json").read_text())["agent_config"]
     assert (pre["diffusion_steps"], pre["horizon"]) == (6, 2)  # DPPO's chunked pre-training, at test size
-    dppo = json.loads((tmp_path / "runs" / "dppo" / "seed0" / "config.json").read_text())["agent_config"]
-    assert dppo["ft_steps"] == 3
+    dppo = json.loads((tmp_path / "runs" / "dppo" / "seed0" / "config.json").read_text())
+    assert dppo["agent_config"]["ft_steps"] == 3
+    assert dppo["pretrained"]["run"] == str((tmp_path / "runs" / "pretrain" / "diffusion_bc").resolve())
+    from diffpolicy.agents import load_agent  # a benchmark run opens like any fine-tuning run (diffpolicy eval)
+
+    for m in ("dppo", "gaussian_ppo"):
+        assert load_agent(tmp_path / "runs" / m / "seed0").name == m
     runs = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("seed0.json"))
     assert len(runs) == len(bench.METHODS)
     md = (tmp_path / "out" / "finetune.md").read_text()
