@@ -13,7 +13,11 @@ prediction clipped to ``[-1, 1]``. The clip coefficient grows along the chain fr
 ``clip_epsilon_base`` at the first fine-tuned step to ``clip_epsilon`` at the last,
 ``base + (eps - base) (e^{c u} - 1) / (e^c - 1)`` with ``u = k / (K' - 1)`` (their code's
 ``clip_ploss_coef_rate``). Rewards are divided by the running std of the discounted return.
-Evaluation is deterministic: the chain of means, no noise (their ``deterministic=True``).
+Evaluation is deterministic: the chain of means, no noise at any step. (Their code's
+``deterministic=True`` is not noise-free for DDPM: it keeps each step's own posterior std,
+floored at 1e-3, and drops the noise at the last step only. On one Hopper-v5 checkpoint, 5e5
+env steps into fine-tuning, 10 episodes: 56.7 for the chain of means, 55.2 with the model's own
+noise, 54.6 with the exploration floor.)
 
 The chain machinery is the core's: :func:`~diffpolicy.chain.rollout` (with ``train_steps`` and
 ``frozen``), :class:`~diffpolicy.chain_losses.ChainPPOLoss`, :func:`~diffpolicy.advantage.env_gae`

@@ -4,7 +4,8 @@
 pre-trained action denoiser (and a frozen copy for the steps that are not fine-tuned), the
 exploring chain that collects (:func:`~diffpolicy.chain.rollout`: DDPM/DDIM steps with a
 sampling-std floor, noise and x0 clipping), deterministic evaluation (the noise-free chain of
-means from a random start, DPPO's ``deterministic=True``), a state-value critic and checkpoints.
+means from a random start; DPPO's code, with ``deterministic=True``, keeps the DDPM posterior
+noise except at the last step, see :mod:`~diffpolicy.agents.dppo`), a state-value critic and checkpoints.
 
 :func:`train_online` runs any agent with ``policy_module()`` (a TorchRL policy that writes ``action`` and whatever its
 update needs), ``update(td [num_envs, T]) -> metrics``, ``act(obs)`` (deterministic evaluation),
