@@ -324,6 +324,8 @@ def main(argv=None):
     p.add_argument("--behaviour-steps", type=int, default=150_000, help="SB3 SAC steps of the behaviour run")
     p.add_argument("--runs", default=None, help="run directories (default benchmarks/runs/offline/<env>)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/offline)")
+    p.add_argument("--results", default=None, help="the store of per-run result files (default <out>_runs), e.g. the "
+                   "committed one while a sweep's own table goes elsewhere")
     p.add_argument("--quick", action="store_true", help="smoke run: Pendulum-v1, tiny budgets, one seed")
     p.add_argument("--assemble", action="store_true", help="only rebuild the table from finished runs")
     p.add_argument("--rescore", action="store_true",
@@ -332,6 +334,7 @@ def main(argv=None):
     p.add_argument("--measure", action="store_true",
                    help="with --assemble: also measure throughput and latency here (on a quiet machine)")
     p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--no-latency", action="store_true", help="a sweep on a busy machine: keep the table's latencies")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -345,7 +348,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else ROOT / "results" / ("offline_quick" if args.quick else "offline")
     tag = "offline_quick" if args.quick else "offline"
     run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag / args.env
-    result_root = out.parent / f"{out.name}_runs" / args.env
+    result_root = (Path(args.results) if args.results else out.parent / f"{out.name}_runs") / args.env
 
     from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
 
@@ -354,7 +357,7 @@ def main(argv=None):
     budget = (f"Budget: {args.steps} gradient steps per run, batch {args.batch}, evaluation every {args.eval_every} "
               f"steps on {args.eval_episodes} episodes; score: the final checkpoint on {args.final_episodes} episodes; "
               f"datasets: {args.transitions} transitions (medium-replay: the SB3 "
-              f"SAC replay buffer up to the medium checkpoint of a {args.behaviour_steps}-step run); seeds {args.seeds}.")
+              f"SAC replay buffer up to the medium checkpoint of a {args.behaviour_steps}-step run).")
     if not args.assemble:
         data = {}
         for q in args.qualities:
@@ -378,11 +381,12 @@ def main(argv=None):
         tp = throughput_ratio(OfflineData.from_minari(load_dataset(dataset_id(args.env, q0), download=False)),
                               steps=100 if args.quick else 300)
         report["throughput"], report["throughput_ratio_vs_bare"] = tp, tp["ratio"]
-    if measure:
+    if measure and not args.no_latency:
         d0 = OfflineData.from_minari(load_dataset(dataset_id(args.env, args.qualities[0]), download=False))
         report["latency_ms"] = latency_table(d0.obs_dim, d0.act_dim, DEFAULT_AGENTS, args.steps)
     write_outputs(with_latency_ratios(report), out)
     print(out.with_suffix(".md").read_text())
+    return report
 
 
 if __name__ == "__main__":

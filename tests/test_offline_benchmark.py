@@ -107,3 +107,16 @@ def test_a_table_rewritten_without_measuring_keeps_the_measured_figures(tmp_path
     assert rep["latency_ratio_consistency_vs_diffusion"] == pytest.approx(0.5)
     bench.write_outputs(rep, out)
     assert bench.measured_before(out, bench.MEASURED) == kept  # the per-run rewrite during a sweep loses nothing
+
+
+def test_a_sweep_can_write_its_runs_into_another_store_and_leave_the_timings_alone(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "table" / "offline"
+    _result(store / "Hopper-v5", "medium", "diffusion_bc", 0, 40.0, 2.0)
+    out.parent.mkdir()
+    lat = {"diffusion_bc": 0.6, "consistency_bc": 0.3, "consistency_bc_1step": 0.15}
+    out.with_suffix(".json").write_text(json.dumps({"results": {}, "latency_ms": lat}))
+    rep = bench.main(["--assemble", "--measure", "--no-throughput", "--no-latency", "--steps", "10", "--out", str(out),
+                      "--results", str(store)])
+    assert rep["results"]["medium"]["diffusion_bc"]["score_mean"] == 40.0
+    assert rep["latency_ms"] == lat and json.loads(out.with_suffix(".json").read_text())["latency_ms"] == lat
+    assert not (tmp_path / "table" / "offline_runs").exists()
