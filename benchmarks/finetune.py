@@ -103,7 +103,9 @@ def make_method(name: str, bc, gbc, args):
 
 def run_sb3(name: str, env_id: str, data, seed: int, args, run_dir: Path) -> dict:
     """SB3 PPO or SAC from scratch on the same normalised-action env, evaluated like the others
-    (deterministic actions, the same episodes); resumes from ``run_dir/model.zip``."""
+    (deterministic actions, the same episodes). Saved at every evaluation, each file replaced
+    whole: ``model.zip``, SAC's replay buffer (``replay_buffer.pkl``: without it a resumed SAC
+    would start again from an empty buffer) and the evaluation history; a later call resumes."""
     from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -115,9 +117,15 @@ def run_sb3(name: str, env_id: str, data, seed: int, args, run_dir: Path) -> dic
     algo = {"sb3_ppo": PPO, "sb3_sac": SAC}[name]
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path, hist_path = run_dir / "model.zip", run_dir / "history.json"
+    buffer_path = run_dir / "replay_buffer.pkl"
     env = RescaleAction(gym.make(env_id), -1.0, 1.0)  # SB3 clips to the (bounded) box itself
     if model_path.exists() and hist_path.exists():
         model = algo.load(model_path, env=env)
+        if hasattr(model, "replay_buffer"):
+            if not buffer_path.exists():
+                raise FileNotFoundError(f"{run_dir} holds an {name} model but not its replay buffer "
+                                        f"({buffer_path.name}); delete the directory to start the run again")
+            model.load_replay_buffer(buffer_path)
         state = json.loads(hist_path.read_text())
     else:
         kw = {"learning_starts": min(5000, args.env_steps // 10)} if algo is SAC else {}
@@ -134,28 +142,47 @@ def run_sb3(name: str, env_id: str, data, seed: int, args, run_dir: Path) -> dic
                        episodes=args.eval_episodes, seed=10_000, score_fn=score)
         state["history"].append({"env_steps": step, "score_mean": res.score_mean, "score_std": res.score_std,
                                  "return_mean": res.return_mean})
-        model.save(model_path)
-        hist_path.write_text(json.dumps(state))
+
+    def save():  # each file replaced whole; the history last, so it never runs ahead of the model
+        if hasattr(model, "replay_buffer"):
+            model.save_replay_buffer(run_dir / "replay_buffer.tmp.pkl")
+            os.replace(run_dir / "replay_buffer.tmp.pkl", buffer_path)
+        model.save(run_dir / "model.tmp.zip")
+        os.replace(run_dir / "model.tmp.zip", model_path)
+        (run_dir / "history.tmp.json").write_text(json.dumps(state))
+        os.replace(run_dir / "history.tmp.json", hist_path)
 
     class Eval(BaseCallback):
+        pending = False  # an evaluation not saved yet
+
         def _on_step(self):
             if self.num_timesteps % every == 0:
                 state["train_seconds"] += time.perf_counter() - self.t0
                 run_eval(self.num_timesteps)
+                self.pending = True
                 self.t0 = time.perf_counter()
             return True
+
+        def _on_rollout_end(self):  # SB3 calls on_step before it stores the step's transition; here it has
+            if self.pending:
+                state["train_seconds"] += time.perf_counter() - self.t0
+                save()
+                self.pending = False
+                self.t0 = time.perf_counter()
 
         def _on_training_start(self):
             self.t0 = time.perf_counter()
 
     if not state["history"]:
         run_eval(0)
+        save()
     done = model.num_timesteps
     if done < args.env_steps:
         model.learn(args.env_steps - done, callback=Eval(), reset_num_timesteps=False,
                     progress_bar=False)
     if state["history"][-1]["env_steps"] != model.num_timesteps:
         run_eval(model.num_timesteps)
+    save()
     iters = max(1, model.num_timesteps // iter_steps)
     return {"history": state["history"], "seconds_per_iter": state["train_seconds"] / iters,
             "env_steps": model.num_timesteps}

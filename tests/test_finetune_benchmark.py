@@ -89,3 +89,26 @@ def test_the_clip_options_reach_the_agents():
     assert bench.make_method("gaussian_ppo", bc, gbc, args).config.clip_epsilon == 0.01
     dppo = bench.make_method("dppo", bc, gbc, args)
     assert dppo.config.clip_epsilon == dppo.config.clip_epsilon_base == 0.02
+
+
+def test_sb3_sac_resumes_with_its_replay_buffer(pendulum_data, tmp_path):
+    import argparse
+
+    from stable_baselines3 import SAC
+
+    args = argparse.Namespace(env_steps=300, num_envs=1, steps_per_iter=50, action_chunk=1, eval_every=2,
+                              eval_episodes=1)
+    run = tmp_path / "sac"
+    first = bench.run_sb3("sb3_sac", "Pendulum-v1", pendulum_data, 0, args, run)
+    assert first["env_steps"] == 300 and [h["env_steps"] for h in first["history"]] == [0, 100, 200, 300]
+    model = SAC.load(run / "model.zip")
+    model.load_replay_buffer(run / "replay_buffer.pkl")
+    assert model.replay_buffer.size() == 300
+    args.env_steps = 500  # a longer budget continues the same run, buffer included
+    again = bench.run_sb3("sb3_sac", "Pendulum-v1", pendulum_data, 0, args, run)
+    assert [h["env_steps"] for h in again["history"]] == [0, 100, 200, 300, 400, 500]
+    model.load_replay_buffer(run / "replay_buffer.pkl")
+    assert model.replay_buffer.size() == 500  # 300 from before the resume, not 200
+    (run / "replay_buffer.pkl").unlink()
+    with pytest.raises(FileNotFoundError, match="not its replay buffer"):
+        bench.run_sb3("sb3_sac", "Pendulum-v1", pendulum_data, 0, args, run)
