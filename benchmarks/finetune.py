@@ -407,6 +407,10 @@ def main(argv=None):
               f"{args.eval_every} iterations on {args.eval_episodes} episodes; pre-trained BC: {args.pretrain_steps} "
               f"gradient steps on {args.env} {args.quality} (diffusion: {args.denoising_steps} cosine steps, DPPO "
               f"fine-tunes the last {args.ft_steps}); seeds: the table's last column.")
+    settings = [f"{what} {v:g}" for what, v in (("DPPO clip (flat)", args.dppo_clip), ("DPPO actor lr", args.dppo_actor_lr),
+                                                 ("Gaussian PPO clip", args.gaussian_clip)) if v is not None]
+    if settings:
+        budget += " Not the defaults: " + ", ".join(settings) + "."
 
     from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
 

@@ -25,6 +25,7 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
         assert {"final_score_mean", "final_score_std"} <= set(r)
     assert isinstance(rep["start_score"], float) and rep["dppo_rollout_ratio_vs_bare"] > 0
     assert (tmp_path / "out" / "finetune.png").exists()
+    assert "Not the defaults" not in (tmp_path / "out" / "finetune.md").read_text()
     pre = json.loads((tmp_path / "runs" / "pretrain" / "diffusion_bc" / "config.json").read_text())["agent_config"]
     assert (pre["diffusion_steps"], pre["horizon"]) == (6, 2)  # DPPO's chunked pre-training, at test size
     dppo = json.loads((tmp_path / "runs" / "dppo" / "seed0" / "config.json").read_text())
@@ -41,6 +42,8 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
     assert again["results"] == rep["results"] and (tmp_path / "out" / "finetune.md").read_text() == md
     # a sweep that does not time (--no-rollout-ratio: every run here is finished) keeps the measured ratio
     kept = bench.main(args + ["--no-rollout-ratio"])
+    bench.main(args + ["--assemble", "--gaussian-clip", "0.01", "--out", str(tmp_path / "out" / "clip")])
+    assert "Not the defaults: Gaussian PPO clip 0.01." in (tmp_path / "out" / "clip.md").read_text()
     assert kept["dppo_rollout_ratio_vs_bare"] == rep["dppo_rollout_ratio_vs_bare"] and kept["rollout"] == rep["rollout"]
     assert json.loads((tmp_path / "out" / "finetune.json").read_text())["dppo_rollout_ratio_vs_bare"] == rep["dppo_rollout_ratio_vs_bare"]
     # --pretrained: a BC run directory (or its checkpoint) restores that run's agent, with its own settings
