@@ -108,11 +108,25 @@ def latency_table(obs_dim: int, act_dim: int, agents, steps: int, rounds: int = 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def train_run(env_id, quality, data, name, seed, args, run_root: Path):
+    """Train (or resume, or just open) the run directory of (``quality``, ``name``, ``seed``): ``(agent, out)``."""
+    from diffpolicy.agents import make_agent
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+
+    torch.manual_seed(seed)
+    agent = make_agent(name, data.obs_dim, data.act_dim, **agent_settings(name, args.steps, run_root, quality, seed,
+                                                                         args.quick))
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, eval_every=args.eval_every,
+                      eval_episodes=args.eval_episodes, seed=seed, log_every=max(1, min(1000, args.steps // 10)))
+    out = train_offline(agent, data, cfg, env_id=env_id, run_dir=run_root / quality / name / f"seed{seed}",
+                        progress=not args.no_progress)
+    return agent, out
+
+
 def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root: Path) -> dict | None:
     """Train (or resume) one run and score it; its result file makes a later call free. ``None``
     with ``args.rescore`` for a run not finished under this budget (nothing is trained)."""
-    from diffpolicy.agents import agent_class, make_agent
-    from diffpolicy.agents.trainer import TrainConfig, train_offline
+    from diffpolicy.agents import agent_class
 
     base, variant = VARIANTS.get(name, (name, {}))
     run_dir = run_root / quality / base / f"seed{seed}"
@@ -135,11 +149,11 @@ def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root
     if res is None:
         if getattr(args, "rescore", False):
             return None
-        torch.manual_seed(seed)
-        agent = make_agent(name, data.obs_dim, data.act_dim, **settings)
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch, eval_every=args.eval_every,
-                          eval_episodes=args.eval_episodes, seed=seed, log_every=max(1, min(1000, args.steps // 10)))
-        out = train_offline(agent, data, cfg, env_id=env_id, run_dir=run_dir, progress=not args.no_progress)
+        if name == "consistency_bc_cd":  # its teacher's run directory, finished: on another machine (or after
+            # the run directories were cleared) only the teacher's result file is left, so train it again; a
+            # seeded run is reproducible, and a finished one returns at once
+            train_run(env_id, quality, data, "diffusion_bc", seed, args, run_root)
+        agent, out = train_run(env_id, quality, data, name, seed, args, run_root)
         res = {"env": env_id, "dataset": data.dataset_id, "agent": name, "seed": seed, "steps": out["steps"],
                "score": out["final"]["score_mean"], "return": out["final"]["return_mean"],
                "train_seconds": out["train_seconds"], "latency_ms": latency_ms(agent, data.obs_dim),

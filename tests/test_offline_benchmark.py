@@ -120,3 +120,18 @@ def test_a_sweep_can_write_its_runs_into_another_store_and_leave_the_timings_alo
     assert rep["results"]["medium"]["diffusion_bc"]["score_mean"] == 40.0
     assert rep["latency_ms"] == lat and json.loads(out.with_suffix(".json").read_text())["latency_ms"] == lat
     assert not (tmp_path / "table" / "offline_runs").exists()
+
+
+def test_a_distilled_run_trains_its_teacher_again_when_only_the_teachers_result_is_left(pendulum_data, tmp_path):
+    """A sweep continued on another machine has the teacher's result file but not its run directory."""
+    import argparse
+    import shutil
+
+    args = argparse.Namespace(steps=10, batch=32, eval_every=10, eval_episodes=1, final_episodes=1, quick=False,
+                              no_progress=True)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    teacher = bench.run_one("Pendulum-v1", "q", pendulum_data, "diffusion_bc", 0, args, runs, results)
+    shutil.rmtree(runs / "q" / "diffusion_bc")
+    row = bench.run_one("Pendulum-v1", "q", pendulum_data, "consistency_bc_cd", 0, args, runs, results)
+    assert math.isfinite(row["score"]) and (runs / "q" / "diffusion_bc" / "seed0" / "checkpoint.safetensors").is_file()
+    assert json.loads((results / "q" / "diffusion_bc" / "seed0.json").read_text()) == teacher  # its result untouched
