@@ -14,7 +14,9 @@ update needs), ``update(td [num_envs, T]) -> metrics``, ``act(obs)`` (determinis
 dataset the policy was pre-trained on, scores use its reference returns.
 
 With ``run_dir``: ``config.json``, ``train.csv`` (per iteration: the agent's metrics such as
-clip fraction, approx-KL and explained variance, plus environment steps and seconds),
+clip fraction, approx-KL and explained variance, the mean return of the training episodes that
+ended in the iteration (``episode_return``, ``episode_score``, ``episodes``: exploration noise
+included), environment steps and seconds),
 ``eval.csv``, TensorBoard events under ``tb/`` and ``checkpoint.safetensors`` (every
 ``checkpoint_every`` iterations and at the end). A run directory with a checkpoint resumes:
 the agent, its optimisers, the reward scaler, counters and RNGs are restored; the
@@ -56,6 +58,8 @@ class OnlineChainConfig:
 
     num_envs: int = 10                  # parallel environments (TorchRL SerialEnv)
     steps_per_iter: int = 250           # policy decisions per env per iteration (action_chunk env steps each)
+    chain_steps: int | None = None      # K: the chain's steps (None: the pre-trained model's); fewer runs a
+                                        # sub-grid of its timesteps (DPPO's ddim_steps; diffusers' "trailing" spacing)
     ft_steps: int | None = None         # K': fine-tuned last denoising steps (None: all K)
     eta: float = 1.0                    # 1: DDPM steps; < 1: DDIM(eta) steps
     min_sampling_std: float = 0.1       # exploration-noise floor of every step
@@ -117,7 +121,9 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
 
     ``actor`` is a state-conditioned action denoiser (``cond = observation``, actions in
     ``[-1, 1]``), e.g. a :class:`~diffpolicy.agents.diffusion_bc.DiffusionBC`'s EMA model
-    (:meth:`from_diffusion_bc`); ``diffusion_steps`` is the ``K`` of its chain. The last
+    (:meth:`from_diffusion_bc`); ``diffusion_steps`` is the number of steps it was trained for, and
+    the ``K`` of the chain unless ``chain_steps`` asks for fewer (DPPO's DDIM fine-tuning: e.g. 5 of
+    100, with ``eta < 1``; ``schedule.timesteps(K)``, a sub-grid of the training timesteps). The last
     ``ft_steps`` steps run the fine-tuned ``self.actor``, the earlier ones the frozen ``self.base``.
     With ``action_chunk = H`` the policy's action is a flattened chunk of ``H`` env actions, executed
     whole by the env (DPPO's ``act_steps``); rewards and discounting are per chunk, as in DPPO.
@@ -133,7 +139,10 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
             raise ValueError(f"act_dim={act_dim} is not a whole number of chunks of {action_chunk} actions")
         self.action_chunk = action_chunk  # the env executes act_dim / action_chunk-d actions this many at a time
         c = dataclasses.replace(config or self.config_class(), **overrides)
-        K = diffusion_steps
+        K = diffusion_steps if c.chain_steps is None else c.chain_steps
+        if not 1 <= K <= diffusion_steps:
+            raise ValueError(f"chain_steps must be in [1, {diffusion_steps}] (the pre-trained model's steps), "
+                             f"got {c.chain_steps}")
         ft = K if c.ft_steps is None else c.ft_steps
         if not 1 <= ft <= K:
             raise ValueError(f"ft_steps must be in [1, {K}] (the chain has {K} steps), got {c.ft_steps}")
@@ -254,10 +263,13 @@ class OnlineConfig:
                                    # ParallelEnv (one process per env) instead of SerialEnv
 
 
-def check_policy_shapes(agent, env_id: str, env) -> None:
-    """A clear error before any training when the policy's shapes are not the env's."""
-    obs_shape = tuple(env.observation_spec["observation"].shape[-1:])
-    act_shape = tuple(env.action_spec.shape[-1:])
+def check_policy_shapes(agent, env_id: str, action_chunk: int = 1) -> None:
+    """A clear error, before any environment or training starts, when the policy's shapes are not ``env_id``'s."""
+    from diffpolicy.envs.factory import make_gym_env
+
+    env = make_gym_env(env_id, action_chunk=action_chunk)
+    obs_shape, act_shape = tuple(env.observation_space.shape[-1:]), tuple(env.action_space.shape[-1:])
+    env.close()
     if obs_shape != (agent.obs_dim,) or act_shape != (agent.act_dim,):
         raise ValueError(f"the policy is for observations of shape ({agent.obs_dim},) and actions of shape "
                          f"({agent.act_dim},), but {env_id} has observations {obs_shape} and actions {act_shape}: "
@@ -268,16 +280,24 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
                  progress: bool = True, pretrained: dict | None = None) -> dict:
     """Train ``agent`` on ``env_id`` for ``cfg.env_steps`` environment steps; returns the eval history.
 
+    ``data``: the dataset the policy was pre-trained on (its observation statistics normalise the
+    env's observations, its reference returns give scores), or None for a policy that knows no
+    dataset (from scratch): raw observations, returns only.
+
     ``pretrained``: where the agent started from (``{"run": dir, **describe_agent(bc)}``, as
     ``diffpolicy finetune`` passes), recorded in ``config.json`` (not compared on resume, so a
     moved run still resumes) for :func:`~diffpolicy.agents.load_agent`.
     """
     from torchrl.collectors import Collector
+    from torchrl.envs import RewardSum
 
     from diffpolicy.envs.factory import evaluate, make_env
 
     cfg = cfg or OnlineConfig()
     a = agent.config
+    chunk = getattr(agent, "action_chunk", 1)
+    check_policy_shapes(agent, env_id, chunk)  # before the run directory is touched
+    obs_loc, obs_scale = (None, None) if data is None else (data.obs_mean, data.obs_std)
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
     ckpt_path = run_path / CHECKPOINT if run_path is not None else None
     frames = a.num_envs * a.steps_per_iter  # decisions per iteration (env steps / action_chunk)
@@ -286,7 +306,9 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     run_config = json.loads(json.dumps({"agent": agent.name, "agent_config": dataclasses.asdict(a),
                                         "train": {k: v for k, v in dataclasses.asdict(cfg).items()
                                                   if k not in ("env_steps", "parallel_envs")},
-                                        "dataset": getattr(data, "dataset_id", None), "env_id": env_id}, default=str))
+                                        "dataset": getattr(data, "dataset_id", None), "env_id": env_id,
+                                        **({"drop_nonfinite": True} if getattr(data, "dropped_nonfinite", 0) else {})},
+                                       default=str))
     state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
     def load(saved):
         try:
@@ -301,21 +323,28 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
         state = saved["state"]
         set_rng_state(saved["rng"])
 
-    chunk = getattr(agent, "action_chunk", 1)
-    env = make_env(env_id, num_envs=a.num_envs, obs_loc=data.obs_mean, obs_scale=data.obs_std, action_chunk=chunk,
+    env = make_env(env_id, num_envs=a.num_envs, obs_loc=obs_loc, obs_scale=obs_scale, action_chunk=chunk,
                    parallel=cfg.parallel_envs and a.num_envs > 1)
-    check_policy_shapes(agent, env_id, env)
+    env.append_transform(RewardSum())  # ("next", "episode_reward"): the training episodes' returns
     env.set_seed(cfg.seed + 1000 * state["iteration"])
     collector = Collector(env, agent.policy_module(), frames_per_batch=frames, total_frames=-1,
                           auto_register_policy_transforms=False)
     logger = RunLogger(run_path, resume_step=state["env_steps"])
     score_fn = data.normalized_score if getattr(data, "ref_min_score", None) is not None else None
 
+    def episodes(td) -> dict[str, float]:  # the training episodes that ended in this batch
+        done = td["next", "done"]
+        returns = td["next", "episode_reward"][done].double()
+        rec = {"episodes": int(returns.numel()), "episode_return": float(returns.mean()) if returns.numel() else float("nan")}
+        if score_fn is not None:
+            rec["episode_score"] = float(score_fn(rec["episode_return"])) if returns.numel() else float("nan")
+        return rec
+
     def run_eval():
         with torch.random.fork_rng():  # the same starting noises at every evaluation; training RNG untouched
             torch.manual_seed(cfg.eval_seed)
-            res = evaluate(agent.act, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed, obs_loc=data.obs_mean,
-                           obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset, action_chunk=chunk)
+            res = evaluate(agent.act, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed, obs_loc=obs_loc,
+                           obs_scale=obs_scale, score_fn=score_fn, reset=agent.reset, action_chunk=chunk)
         rec = {"iteration": state["iteration"], "env_steps": state["env_steps"], "return_mean": res.return_mean,
                "return_std": res.return_std, "score_mean": res.score_mean, "score_std": res.score_std}
         state["history"].append(rec)
@@ -348,10 +377,11 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             state["iteration"] += 1
             state["env_steps"] += td.numel() * chunk  # upper bound: a chunk cut short by an episode end counts whole
             state["train_seconds"] += seconds
-            logger.write("train", state["env_steps"], {**metrics, "iteration": state["iteration"],
+            ep = episodes(td)
+            logger.write("train", state["env_steps"], {**metrics, **ep, "iteration": state["iteration"],
                                                        "seconds_per_iter": seconds, "collect_seconds": t_collect})
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3g}",
+            bar.set_postfix(episode_return=f"{ep['episode_return']:.4g}",
                             kl=f"{metrics.get('approx_kl', float('nan')):.2g}", refresh=False)
             last = state["iteration"] == iterations
             if state["iteration"] % cfg.eval_every == 0 or last:

@@ -85,6 +85,30 @@ def test_collected_log_probs_are_the_fine_tuned_steps_scores():
         _agent(ft_steps=6)
 
 
+def test_ddim_fine_tuning_runs_a_sub_grid_of_the_training_steps(tmp_path):
+    agent = _agent(chain_steps=2, eta=0.5)  # DDIM(0.5) over 2 of the pre-trained model's 5 steps
+    full = agent.actor.schedule.timesteps(5).tolist()
+    assert agent.K == 2 and agent.ft == 2 and len(agent.ts) == 3
+    assert set(agent.ts.tolist()) <= set(full) and agent.ts[0] == full[0] and agent.ts[-1] == full[-1]
+    obs = torch.randn(16, 1)
+    action, chain_x, lp = agent.explore(obs)
+    assert chain_x.shape == (16, 3, 1) and lp.shape == (16, 2)
+    td = TensorDict({"x": chain_x[:, :-1], ("next", "x"): chain_x[:, 1:], "t": agent.ts[:2].float().expand(16, 2),
+                     "s": agent.ts[1:].float().expand(16, 2), "cond": obs[:, None].expand(16, 2, 1)}, batch_size=[16, 2])
+    c = agent.config  # the stored log-probs are the DDIM(0.5) steps' between the sub-grid's times
+    torch.testing.assert_close(rescore(agent.actor, td, eta=0.5, min_logprob_std=c.min_logprob_std, clip_x0=c.clip_x0),
+                               lp, rtol=1e-4, atol=1e-4)
+    before = mean_error(agent)
+    train_online(agent, TARGET_ID, NO_DATA, OnlineConfig(env_steps=256 * 25, eval_every=25, eval_episodes=8),
+                 run_dir=tmp_path, progress=False)
+    after = mean_error(agent)
+    assert before > 0.5 and after < 0.15, (before, after)
+    with pytest.raises(ValueError, match=r"chain_steps must be in \[1, 5\]"):
+        _agent(chain_steps=6)
+    with pytest.raises(ValueError, match=r"ft_steps must be in \[1, 2\]"):
+        _agent(chain_steps=2, ft_steps=3)
+
+
 def test_explained_variance():
     y = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert explained_variance(y, y) == 1.0 and explained_variance(torch.zeros(4), y) == pytest.approx(1 - 1.0)
@@ -121,13 +145,46 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
 
 
 def test_mismatched_env_fails_before_training(tmp_path):
+    # A Pendulum-v1 policy (3-d observations, 1-d actions, with its data's 3-d statistics) sent to
+    # MountainCarContinuous-v0 (2-d observations): the policy's shapes are named, not the statistics'.
     bc = DiffusionBC(3, 1, hidden=16, depth=1)
     agent = DPPO.from_diffusion_bc(bc, num_envs=2, steps_per_iter=4)
-    data = types.SimpleNamespace(obs_mean=np.zeros(1, np.float32), obs_std=np.ones(1, np.float32),
-                                 ref_min_score=None, dataset_id=None)
-    with pytest.raises(ValueError, match=r"observations of shape \(3,\).*observations \(1,\)"):
-        train_online(agent, TARGET_ID, data, OnlineConfig(env_steps=8), run_dir=tmp_path, progress=False)
-    assert agent.iterations == 0 and not (tmp_path / "checkpoint.safetensors").exists()
+    data = types.SimpleNamespace(obs_mean=np.zeros(3, np.float32), obs_std=np.ones(3, np.float32),
+                                 ref_min_score=None, dataset_id="pendulum")
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"observations of shape \(3,\) and actions of shape \(1,\), but "
+                                         r"MountainCarContinuous-v0 has observations \(2,\) and actions \(1,\)"):
+        train_online(agent, "MountainCarContinuous-v0", data, OnlineConfig(env_steps=8), run_dir=run, progress=False)
+    assert agent.iterations == 0 and not run.exists()  # nothing written
+    with pytest.raises(ValueError, match=r"actions of shape \(1,\), but Hopper-v5 has observations \(11,\) and "
+                                         r"actions \(3,\)"):
+        train_online(agent, "Hopper-v5", data, OnlineConfig(env_steps=8), run_dir=run, progress=False)
+
+
+def test_training_episode_returns_are_logged(tmp_path):
+    # WalkEnv: three steps (or fewer), so every 8 x 6-decision batch ends episodes; the logged mean is
+    # the mean return of the episodes that ended, summed over their steps (checked against the batch).
+    agent = _agent(num_envs=2, steps_per_iter=6)
+    seen = []
+    update = agent.update
+    agent.update = lambda td: (seen.append(td.clone()), update(td))[1]
+    train_online(agent, WALK_ID, NO_DATA, OnlineConfig(env_steps=12 * 3, eval_every=3, eval_episodes=1),
+                 run_dir=tmp_path, progress=False)
+    rows = [dict(zip(lines[0].split(","), r.split(","))) for lines in [(tmp_path / "train.csv").read_text().splitlines()]
+            for r in lines[1:]]
+    assert len(rows) == 3
+    returns, running = [], torch.zeros(2)
+    for td, row in zip(seen, rows):  # the per-env returns by hand, across batch boundaries
+        ended = []
+        for k in range(td.shape[1]):
+            running += td["next", "reward"][:, k, 0]
+            done = td["next", "done"][:, k, 0]
+            ended += running[done].tolist()
+            running[done] = 0
+        assert int(row["episodes"]) == len(ended) > 0
+        assert float(row["episode_return"]) == pytest.approx(sum(ended) / len(ended), rel=1e-5)
+        returns += ended
+    assert all(r > 0 for r in returns)  # WalkEnv's reward grows with t: a real sum, not one step's reward
 
 
 def test_an_update_changes_only_the_fine_tuned_steps_model():
