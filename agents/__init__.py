@@ -113,14 +113,28 @@ def make_agent(name: str, obs_dim: int, act_dim: int, **settings):
     return agent_class(name)(obs_dim, act_dim, **settings)
 
 
-def make_online_agent(name: str, pretrained, **settings):
+def make_online_agent(name: str, pretrained=None, *, obs_dim: int | None = None, act_dim: int | None = None,
+                      policy=None, **settings):
     """Online agent ``name`` (``dppo``, ``drwr``, ``dawr``, ``qsm``: from a trained ``diffusion_bc``;
-    ``gaussian_ppo``: from a ``gaussian_bc``) starting from ``pretrained``."""
+    ``gaussian_ppo``: from a ``gaussian_bc``) starting from ``pretrained``.
+
+    From scratch (``pretrained=None``): the policy is an untrained ``diffusion_bc`` (``gaussian_bc``)
+    for ``obs_dim`` / ``act_dim``, built with ``policy`` (its config, or a dict of its settings)."""
     if name not in ONLINE_AGENTS:
         agent_class(name)  # the unknown-name error, with a suggestion
         raise ValueError(f"{name!r} is an offline agent: train it with `diffpolicy train` / train_offline; "
                          f"online fine-tuning agents: {', '.join(ONLINE_AGENTS)}")
     need = "gaussian_bc" if name == "gaussian_ppo" else "diffusion_bc"
+    if pretrained is None:
+        if obs_dim is None or act_dim is None:
+            raise ValueError(f"{name} from scratch needs obs_dim and act_dim (or a trained {need} to start from)")
+        import dataclasses
+
+        policy = policy or {}
+        pretrained = make_agent(need, obs_dim, act_dim, **(
+            {"config": policy} if dataclasses.is_dataclass(policy) else policy))
+    elif policy is not None or obs_dim is not None or act_dim is not None:
+        raise ValueError("policy=, obs_dim= and act_dim= build a policy from scratch; a trained one brings its own")
     if getattr(pretrained, "name", None) != need:
         raise ValueError(f"{name} fine-tunes a trained {need}, got {getattr(pretrained, 'name', type(pretrained))!r}")
     cls = agent_class(name)

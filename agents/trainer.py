@@ -111,6 +111,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         "agent": agent.name, "agent_config": dataclasses.asdict(agent.config),
         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _HOW},
         "dataset": data.dataset_id, "env_id": env_id, "reward_scale": reward_scale,
+        **({"drop_nonfinite": True} if getattr(data, "dropped_nonfinite", 0) else {}),  # how to open the data again
         **({"world_size": world} if world > 1 else {})}, default=str))
     def fill_old(old):  # settings added to the agent since the run started: at their defaults
         defaults = json.loads(json.dumps(dataclasses.asdict(type(agent.config)()), default=str))

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", required=True, help="Minari dataset id (local, e.g. diffpolicy/hopper/medium-v0; "
                                                         "a remote id downloads when the network allows)")
     train.add_argument("--env", default=None, help="gymnasium id for evaluation (default: the dataset's env)")
+    train.add_argument("--drop-nonfinite", action="store_true",
+                       help="drop the dataset's transitions that hold NaN or inf (default: refuse such a dataset)")
     _settings_args(train, "settings (flat, or under agent: / train:)")
 
     ft = sub.add_parser("finetune", help="fine-tune a trained BC run online (DPPO, DRWR, DAWR, QSM, Gaussian PPO)",
@@ -84,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "checkpoint_every, seed).")
     ft.add_argument("agent", choices=list(ONLINE_AGENTS), metavar="AGENT", help=f"one of: {', '.join(ONLINE_AGENTS)}")
     ft.add_argument("run_dir", help="run directory of the fine-tuning (an existing run continues)")
-    ft.add_argument("--from", dest="source", required=True, help="run directory of the trained BC policy")
+    ft.add_argument("--from", dest="source", default=None,
+                    help="run directory of the trained BC policy (without it: from scratch on --env)")
     ft.add_argument("--env", default=None, help="gymnasium id (default: the pre-training dataset's env)")
-    _settings_args(ft, "settings (flat, or under agent: / train:)")
+    _settings_args(ft, "settings (flat, or under agent: / train:; from scratch, the new policy's under policy:)")
 
     ev = sub.add_parser("eval", help="evaluate the agent of a run directory (fixed seeds, normalised score)")
     ev.add_argument("run_dir")
@@ -171,10 +174,13 @@ def _error(e: Exception) -> int:
     return 2
 
 
-def _open_data(dataset: str):
+def _open_data(dataset: str | None, drop_nonfinite: bool = False):
+    """The dataset of a run (None for an online run from scratch, which knows no dataset)."""
     from diffpolicy.envs.datasets import OfflineData, load_dataset
 
-    return OfflineData.from_minari(load_dataset(dataset))
+    if dataset is None:
+        return None
+    return OfflineData.from_minari(load_dataset(dataset), drop_nonfinite=drop_nonfinite)
 
 
 def _train_command(args) -> int:
@@ -184,7 +190,7 @@ def _train_command(args) -> int:
 
     cls = agent_class(args.agent)
     conf = load_sections({"agent": cls.config_class, "train": TrainConfig}, args.config, args.overrides)
-    data = _open_data(args.dataset)
+    data = _open_data(args.dataset, args.drop_nonfinite)
     agent = make_agent(args.agent, data.obs_dim, data.act_dim, config=conf["agent"])
     with _distributed(conf["train"].device) as device:  # under torchrun: data parallel (gloo / NCCL)
         out = train_offline(agent, data, dataclasses.replace(conf["train"], device=device), env_id=args.env,
@@ -201,21 +207,42 @@ def _finetune_command(args) -> int:
     import json
     from pathlib import Path
 
+    import torch
+
     from diffpolicy.agents import agent_class, describe_agent, load_agent, make_online_agent
     from diffpolicy.agents.online import OnlineConfig, train_online
     from diffpolicy.config import load_sections
+    from diffpolicy.envs.factory import make_gym_env
 
-    conf = load_sections({"agent": agent_class(args.agent).config_class, "train": OnlineConfig}, args.config,
-                         args.overrides)
-    source = Path(args.source)
-    bc = load_agent(source)
-    meta = json.loads((source / "config.json").read_text())
-    data = _open_data(meta["dataset"])  # the pre-training's observation normalisation and reference scores
-    agent = make_online_agent(args.agent, bc, config=conf["agent"])
-    out = train_online(agent, args.env or meta["env_id"], data, conf["train"], run_dir=args.run_dir,
-                       progress=args.progress, pretrained={"run": str(source.resolve()), **describe_agent(bc)})
+    need = "gaussian_bc" if args.agent == "gaussian_ppo" else "diffusion_bc"
+    sections = {"agent": agent_class(args.agent).config_class, "train": OnlineConfig}
+    if args.source is None:  # from scratch: the new policy's settings go under policy:
+        if args.env is None:
+            raise ValueError("give --from RUN_DIR (a trained BC run to fine-tune) or --env ENV_ID (to start from scratch)")
+        sections["policy"] = agent_class(need).config_class
+    conf = load_sections(sections, args.config, args.overrides)
+    if args.source is None:
+        env = make_gym_env(args.env)
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        env.close()
+        torch.manual_seed(conf["train"].seed)  # the untrained policy's weights: the same seed, the same run
+        agent = make_online_agent(args.agent, obs_dim=obs_dim, act_dim=act_dim, policy=conf["policy"],
+                                  config=conf["agent"])
+        data, env_id = None, args.env
+        pretrained = {"run": None, **describe_agent(agent_class(need)(obs_dim, act_dim, config=conf["policy"]))}
+    else:
+        source = Path(args.source)
+        bc = load_agent(source)
+        meta = json.loads((source / "config.json").read_text())
+        # the pre-training's observation normalisation and reference scores
+        data = _open_data(meta["dataset"], meta.get("drop_nonfinite", False))
+        agent = make_online_agent(args.agent, bc, config=conf["agent"])
+        env_id, pretrained = args.env or meta["env_id"], {"run": str(source.resolve()), **describe_agent(bc)}
+    out = train_online(agent, env_id, data, conf["train"], run_dir=args.run_dir, progress=args.progress,
+                       pretrained=pretrained)
     first, last = out["history"][0], out["history"][-1]
-    print(f"{args.agent}: {out['env_steps']} env steps, score {first['score_mean']:.1f} -> {last['score_mean']:.1f} "
+    key = "return_mean" if last["score_mean"] != last["score_mean"] else "score_mean"  # nan: no reference scores
+    print(f"{args.agent}: {out['env_steps']} env steps, {key.split('_')[0]} {first[key]:.1f} -> {last[key]:.1f} "
           f"-> {args.run_dir}")
     return 0
 
@@ -234,13 +261,14 @@ def _eval_command(args) -> int:
     if args.overrides:
         agent.config = override_config(agent.config, args.overrides, only=acting)
     meta = json.loads((run / "config.json").read_text())
-    data = _open_data(meta["dataset"])
-    score_fn = data.normalized_score if data.ref_min_score is not None else None
+    data = _open_data(meta["dataset"], meta.get("drop_nonfinite", False))
+    score_fn = data.normalized_score if data is not None and data.ref_min_score is not None else None
     import torch
 
     torch.manual_seed(args.seed)  # the policy's own noise too: the same run and seed give the same numbers
     res = evaluate(agent.act, args.env or meta["env_id"], episodes=args.episodes, seed=args.seed,
-                   obs_loc=data.obs_mean, obs_scale=data.obs_std, score_fn=score_fn, reset=agent.reset,
+                   obs_loc=None if data is None else data.obs_mean, obs_scale=None if data is None else data.obs_std,
+                   score_fn=score_fn, reset=agent.reset,
                    action_chunk=getattr(agent, "action_chunk", 1))
     print(json.dumps({"run": str(run), "agent": meta["agent"], "episodes": args.episodes,
                       "settings": {k: getattr(agent.config, k) for k in acting},

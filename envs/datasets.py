@@ -340,8 +340,11 @@ class OfflineData:
     ref_max_score: float | None = None
     env_id: str | None = None
     dataset_id: str | None = None
+    dropped_nonfinite: int = 0  # transitions dropped for NaN / inf (``from_minari(..., drop_nonfinite=True)``)
 
     def __post_init__(self):
+        _check_finite({k: getattr(self, k).detach().cpu().numpy() for k in ("observations", "actions", "rewards", "next_observations")},
+                      self.dataset_id or "the data", drop=False)
         self.obs_mean = self.observations.mean(0)
         self.obs_std = self.observations.std(0) + 1e-3
 
@@ -380,13 +383,14 @@ class OfflineData:
             next_observations=np.concatenate(nxt), terminals=np.concatenate(term), timeouts=np.concatenate(trunc),
             episode_ids=np.concatenate(eid),
         )
+        n_all = len(data["actions"])
         data = _check_finite(data, dataset.spec.dataset_id, drop_nonfinite)
         return cls(
             **{k: torch.as_tensor(v) for k, v in data.items()},
             action_low=torch.as_tensor(np.asarray(space.low, dtype=np.float32)),
             action_high=torch.as_tensor(np.asarray(space.high, dtype=np.float32)),
             ref_min_score=md.get("ref_min_score"), ref_max_score=md.get("ref_max_score"),
-            env_id=_env_id(dataset), dataset_id=dataset.spec.dataset_id,
+            env_id=_env_id(dataset), dataset_id=dataset.spec.dataset_id, dropped_nonfinite=n_all - len(data["actions"]),
         )
 
     # --------------------------------------------------------------- properties
@@ -516,7 +520,7 @@ def _check_finite(data: dict[str, np.ndarray], name: str, drop: bool) -> dict[st
     """Count NaN / inf per field; refuse them, or drop the transitions that hold them."""
     bad_rows = np.zeros(len(data["actions"]), dtype=bool)
     counts = {}
-    for k in ("observations", "actions", "rewards", "next_observations"):
+    for k in ("observations", "actions", "rewards", "next_observations"):  # episode_ids / flags are integers
         bad = ~np.isfinite(data[k])
         counts[k] = int(bad.sum())
         bad_rows |= bad.reshape(len(bad), -1).any(1)
@@ -526,7 +530,7 @@ def _check_finite(data: dict[str, np.ndarray], name: str, drop: bool) -> dict[st
     if not drop:
         raise NonFiniteDataError(
             f"{name} holds non-finite values ({detail}) in {int(bad_rows.sum())} of {len(bad_rows)} transitions; "
-            f"pass drop_nonfinite=True to drop those transitions")
+            f"pass drop_nonfinite=True (`diffpolicy train --drop-nonfinite`) to drop those transitions")
     import warnings
 
     warnings.warn(f"{name}: dropped {int(bad_rows.sum())} of {len(bad_rows)} transitions with non-finite values ({detail})")

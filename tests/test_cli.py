@@ -144,6 +144,63 @@ def test_train_finetune_eval_compare_through_the_cli(pendulum_data, tmp_path, ca
     assert rows[0]["final"] == pytest.approx(float(evals[-1].split(",")[3]))  # score_mean of the last evaluation
 
 
+def test_finetune_from_scratch_through_the_cli(tmp_path, capsys):
+    """No --from: an untrained policy (its settings under policy:) on --env, no dataset; eval and resume work."""
+    ft = tmp_path / "scratch"
+    argv = ["finetune", "dppo", str(ft), "--env", "Pendulum-v1", "policy.hidden=16", "policy.diffusion_steps=3",
+            "env_steps=200", "num_envs=2", "steps_per_iter=50", "eval_every=1", "eval_episodes=1", "--no-progress"]
+    assert main(argv) == 0
+    assert "dppo: 200 env steps, return" in capsys.readouterr().out
+    conf = json.loads((ft / "config.json").read_text())
+    assert conf["dataset"] is None and conf["pretrained"]["run"] is None
+    assert conf["pretrained"]["agent_config"]["hidden"] == 16 and conf["pretrained"]["agent_config"]["diffusion_steps"] == 3
+    assert main(["eval", str(ft), "--episodes", "1"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["return_mean"] < 0 and rec["score_mean"] != rec["score_mean"]  # Pendulum's returns; no reference: NaN
+    assert main([*argv[:-6], "env_steps=400", *argv[-5:]]) == 0  # a larger budget continues the run
+    assert "dppo: 400 env steps" in capsys.readouterr().out
+    assert len((ft / "train.csv").read_text().splitlines()) == 1 + 4
+    assert main(["finetune", "dppo", str(tmp_path / "x")]) == 2
+    assert "--from RUN_DIR" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["finetune", "dppo", str(tmp_path / "x"), "--env", "Pendulum-v1", "policy.hiden=3"]) == 2
+    assert "did you mean policy.hidden" in capsys.readouterr().err
+
+
+def test_train_drops_non_finite_transitions_when_asked(offline_home, tmp_path, capsys):
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    from minari.data_collector import EpisodeBuffer
+
+    rng = np.random.default_rng(0)
+    eps = []
+    for k in range(4):
+        obs = rng.normal(size=(51, 3)).astype(np.float32)
+        if k == 1:
+            obs[10, 0] = np.nan
+        eps.append(EpisodeBuffer(observations=obs, actions=rng.uniform(-2, 2, (50, 1)).astype(np.float32),
+                                 rewards=rng.normal(size=50), terminations=np.zeros(50, bool),
+                                 truncations=np.eye(50, dtype=bool)[-1]))
+    minari.create_dataset_from_buffers("test/nan/pendulum-v0", eps, env=gym.make("Pendulum-v1").spec)
+    run = tmp_path / "bc"
+    argv = ["train", "diffusion_bc", str(run), "--dataset", "test/nan/pendulum-v0", "steps=4", "eval_every=4",
+            "eval_episodes=1", "hidden=8", "--no-progress"]
+    assert main(argv) == 2
+    assert "non-finite values (observations: 1, next_observations: 1) in 2 of 200" in capsys.readouterr().err
+    assert not run.exists()
+    with pytest.warns(UserWarning, match="dropped 2 of 200"):
+        assert main([*argv, "--drop-nonfinite"]) == 0
+    assert json.loads((run / "config.json").read_text())["drop_nonfinite"] is True
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="dropped 2 of 200"):  # eval and finetune open the data the same way
+        assert main(["eval", str(run), "--episodes", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["episodes"] == 1
+    with pytest.warns(UserWarning, match="dropped 2 of 200"):
+        assert main(["finetune", "dppo", str(tmp_path / "ft"), "--from", str(run), "env_steps=20", "num_envs=1",
+                     "steps_per_iter=20", "eval_episodes=1", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["drop_nonfinite"] is True
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "diffusion_bc", "RUN", "--dataset", "diffpolicy/none/medium-v0"], "diffpolicy dataset make"),
     (["train", "diffusion_bc", "RUN", "--dataset", "DID", "hiden=3"], "did you mean 'hidden'"),

@@ -85,3 +85,22 @@ def test_qsm_learns_a_one_step_task():
     after = mean_error(agent)
     assert len(agent.buffer) == 256 * 20 and out["iterations"] == 20
     assert before > 0.5 and after < 0.15, (before, after)  # ~0.89 -> ~0.01; with actor_lr=0 it stays ~1
+
+
+def test_every_online_agent_starts_from_scratch_or_from_its_own_kind_of_policy():
+    from diffpolicy.agents import ONLINE_AGENTS, make_online_agent
+    from diffpolicy.agents.gaussian_bc import GaussianBC
+
+    for name in ONLINE_AGENTS:
+        torch.manual_seed(0)
+        agent = make_online_agent(name, obs_dim=3, act_dim=2, policy={"hidden": 16, "depth": 1}, num_envs=2)
+        assert (agent.obs_dim, agent.act_dim) == (3, 2)
+        assert agent.act(torch.zeros(4, 3)).shape == (4, 2)
+    scratch = make_online_agent("dppo", obs_dim=3, act_dim=2, policy={"diffusion_steps": 7, "hidden": 16})
+    assert scratch.K == 7 and scratch.actor.schedule.num_train_timesteps == 7
+    with pytest.raises(ValueError, match="from scratch needs obs_dim and act_dim"):
+        make_online_agent("dppo")
+    with pytest.raises(ValueError, match="a trained one brings its own"):
+        make_online_agent("dppo", DiffusionBC(3, 2, hidden=8, depth=1), policy={"hidden": 4})
+    with pytest.raises(ValueError, match="dppo fine-tunes a trained diffusion_bc, got 'gaussian_bc'"):
+        make_online_agent("dppo", GaussianBC(3, 2))
