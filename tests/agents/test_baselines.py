@@ -10,8 +10,9 @@ from diffpolicy.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 
-# the actor terms of TD3+BC / IQL need not fall on random-policy data (their Q weighting moves); the critics' do
-LOSS_KEYS = {"gaussian_bc": ["loss_bc"], "td3_bc": ["loss_qvalue"], "iql": ["loss_qvalue"]}
+# the critics' TD losses fall, and TD3+BC's BC term (its actor's MSE to the data actions); IQL's actor is
+# advantage-weighted and the data actions here are SAC's uniform warm-up, so its likelihood cannot rise much
+LOSS_KEYS = {"gaussian_bc": ["loss_bc"], "td3_bc": ["loss_qvalue", "bc_mse"], "iql": ["loss_qvalue"]}
 
 
 def _toy_batch(obs, action, reward=None, terminated=True):

@@ -91,6 +91,8 @@ def test_diffusion_ql_learns_its_critic_and_its_q_term_reaches_the_actor(pendulu
     critic = [float(o["loss_critic"]) for o in out]
     assert all(math.isfinite(c) for c in critic)
     assert _mean(critic[-20:]) < 0.75 * _mean(critic[:20])  # TD error falls from its random-init level
+    bc = [float(o["loss_bc"]) for o in out]
+    assert _mean(bc[-20:]) < 0.5 * _mean(bc[:20])  # the actor's denoising loss (about 0.96 -> 0.18)
     # With eta = 0 the actor step is plain BC; with eta = 1 the Q gradient changes it.
     batch = rb.sample()
     moved = {}
