@@ -135,3 +135,24 @@ def test_a_distilled_run_trains_its_teacher_again_when_only_the_teachers_result_
     row = bench.run_one("Pendulum-v1", "q", pendulum_data, "consistency_bc_cd", 0, args, runs, results)
     assert math.isfinite(row["score"]) and (runs / "q" / "diffusion_bc" / "seed0" / "checkpoint.safetensors").is_file()
     assert json.loads((results / "q" / "diffusion_bc" / "seed0.json").read_text()) == teacher  # its result untouched
+
+
+def test_a_small_sweep_trains_scores_and_tabulates_every_requested_run(pendulum_data, tmp_path):
+    """The whole path a full run takes (dataset made or reused, training, final scoring, the table and
+    the throughput ratio), at a toy budget on the session's Pendulum data."""
+    out = tmp_path / "table" / "offline"
+    argv = ["--env", "Pendulum-v1", "--qualities", "medium", "--agents", "gaussian_bc", "diffusion_bc", "diffusion_bc_t0",
+            "--seeds", "0", "1", "--steps", "20", "--batch", "32", "--eval-every", "10", "--eval-episodes", "1",
+            "--final-episodes", "2", "--transitions", "2000", "--behaviour-steps", "1000", "--no-latency",
+            "--no-progress", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    rep = bench.main(argv)
+    cells = rep["results"]["medium"]
+    assert set(cells) == {"gaussian_bc", "diffusion_bc", "diffusion_bc_t0"}
+    assert all(c["seeds"] == [0, 1] and math.isfinite(c["score_mean"]) and c["score_std"] >= 0 for c in cells.values())
+    runs = [json.loads((tmp_path / "table" / "offline_runs" / "Pendulum-v1" / "medium" / a / f"seed{s}.json").read_text())
+            for a in ("gaussian_bc", "diffusion_bc") for s in (0, 1)]
+    assert all(r["steps"] == 20 and [h["step"] for h in r["history"]] == [10, 20] for r in runs)
+    assert runs[0]["score"] != runs[1]["score"] or runs[0]["history"] != runs[1]["history"]  # two seeds, two runs
+    assert 0 < rep["throughput_ratio_vs_bare"] < 2
+    assert "| diffusion_bc |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 5_000
+    assert bench.main([*argv, "--no-throughput"])["results"] == rep["results"]  # nothing trains again: all finished
