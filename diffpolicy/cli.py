@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("quality", choices=("random", "medium", "expert", "medium-replay", "medium-expert"),
                       help="D4RL's dataset qualities")
     make.add_argument("--transitions", type=int, default=1_000_000, help="size (default: 1000000, as D4RL)")
-    make.add_argument("--behaviour-steps", type=int, default=150_000, help="SB3 SAC training steps (default: 150000)")
+    make.add_argument("--algo", default="sac", choices=("sac", "td3", "tqc"),
+                      help="the SB3 behaviour agent (default: sac; tqc needs sb3-contrib)")
+    make.add_argument("--behaviour-steps", type=int, default=150_000, help="SB3 training steps (default: 150000)")
+    make.add_argument("--behaviour-eval-every", type=int, default=None,
+                      help="steps between the behaviour run's checkpoints (default: a 15th of its steps, at most 10000)")
     make.add_argument("--ref-episodes", type=int, default=50, help="episodes for the reference scores (default: 50)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that id")
@@ -292,7 +296,9 @@ def _dataset_command(args) -> int:
 
     if args.dataset_command == "make":
         ds = D.make_dataset(args.env_id, args.quality, n_transitions=args.transitions,
-                            behaviour_steps=args.behaviour_steps, ref_episodes=args.ref_episodes, seed=args.seed,
+                            behaviour_algo=args.algo, behaviour_steps=args.behaviour_steps,
+                            behaviour_eval_every=args.behaviour_eval_every or min(10_000, max(1, args.behaviour_steps // 15)),
+                            ref_episodes=args.ref_episodes, seed=args.seed,
                             overwrite=args.overwrite)
         print(f"made {ds.spec.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
     elif args.dataset_command == "list":

@@ -215,17 +215,28 @@ def train_behaviour_policy(
         )
 
     class _Checkpointer(BaseCallback):
+        pending = None  # (step, mean, std) evaluated, not saved yet
+
         def _on_step(self) -> bool:
             step = self.num_timesteps
             if step % eval_every == 0 and (not checkpoints or step > checkpoints[-1].step):
-                mean, std = evaluate_sb3(self.model, env_id, eval_episodes, seed=10_000 + seed)
-                path = directory / f"policy_{step}.zip"
-                self.model.save(str(path))
-                self.model.save_replay_buffer(str(directory / "replay_buffer.pkl"))
-                checkpoints.append(Checkpoint(step, mean, std, str(path)))
-                _atomic_write_text(index, json.dumps([dataclasses.asdict(c) for c in checkpoints], indent=1))
-                log(f"{env_id} {algo} step {step}: return {mean:.1f} ± {std:.1f}")
+                self.pending = (step, *evaluate_sb3(self.model, env_id, eval_episodes, seed=10_000 + seed))
             return True
+
+        def _on_rollout_end(self) -> None:
+            # SB3 calls on_step before it stores the step's transition; here the buffer holds it, so a
+            # run resumed from this checkpoint has all ``step`` transitions.
+            if self.pending is None:
+                return
+            (step, mean, std), self.pending = self.pending, None
+            path = directory / f"policy_{step}.zip"
+            self.model.save(str(path))
+            buffer = directory / "replay_buffer.pkl"
+            self.model.save_replay_buffer(str(directory / "replay_buffer.tmp.pkl"))
+            os.replace(directory / "replay_buffer.tmp.pkl", buffer)  # a kill mid-write keeps the previous one
+            checkpoints.append(Checkpoint(step, mean, std, str(path)))
+            _atomic_write_text(index, json.dumps([dataclasses.asdict(c) for c in checkpoints], indent=1))
+            log(f"{env_id} {algo} step {step}: return {mean:.1f} ± {std:.1f}")
 
     remaining = total_steps - (checkpoints[-1].step if checkpoints else 0)
     model.learn(

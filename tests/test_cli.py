@@ -55,6 +55,20 @@ def test_dataset_list_info_and_unknown_id(pendulum_data, capsys):
     assert e.value.code == 0 and "medium-replay" in capsys.readouterr().out
 
 
+def test_dataset_make_with_a_td3_behaviour_policy(offline_home, tmp_path, monkeypatch, capsys):
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # the session's Pendulum datasets stay SAC's
+    assert main(["dataset", "make", "Pendulum-v1", "medium", "--algo", "td3", "--transitions", "300",
+                 "--behaviour-steps", "600", "--behaviour-eval-every", "300", "--ref-episodes", "1"]) == 0
+    did = "diffpolicy/pendulum/medium-v0"
+    assert f"made {did}" in capsys.readouterr().out
+    ds = minari.load_dataset(did)
+    md = ds.storage.metadata
+    assert ds.total_steps == 300 and "SB3 TD3 policy at step" in md["algorithm_name"]
+    assert md["ref_max_score"] is not None and md["ref_min_score"] is not None
+
+
 def test_dataset_make_rejects_unknown_quality(capsys):
     from diffpolicy.envs.datasets import QUALITIES
 

@@ -138,14 +138,30 @@ def test_return_range_reward_scale(pendulum_data):
     torch.testing.assert_close(td["next", "reward"].squeeze(1), 2 * pendulum_data.rewards)
 
 
-def test_behaviour_run_resumes_and_picks_medium(tmp_path):
-    kw = dict(total_steps=600, eval_every=300, learning_starts=1000, eval_episodes=1, cache_dir=tmp_path,
-              progress=False, log=lambda s: None)
-    run = train_behaviour_policy("Pendulum-v1", **kw)
-    assert [c.step for c in run.checkpoints] == [300, 600] and run.replay_path.exists()
-    assert run.replay()["observations"].shape == (600, 3)
-    again = train_behaviour_policy("Pendulum-v1", **kw)  # cached: no retraining
-    assert again.checkpoints == run.checkpoints
+@pytest.mark.parametrize("algo", ["sac", "td3"])
+def test_behaviour_run_resumes_and_picks_medium(tmp_path, algo):
+    class Killed(Exception):
+        pass
+
+    def kill_at_300(msg):
+        if "step 300" in msg:
+            raise Killed(msg)
+
+    kw = dict(algo=algo, total_steps=600, eval_every=300, learning_starts=1000, eval_episodes=1, cache_dir=tmp_path,
+              progress=False)
+    with pytest.raises(Killed):  # killed right after its first checkpoint
+        train_behaviour_policy("Pendulum-v1", **kw, log=kill_at_300)
+    directory = next((tmp_path / "Pendulum-v1").iterdir())
+    assert directory.name == f"{algo}-seed0-600" and not (directory / "done").exists()
+    first = (directory / "policy_300.zip").stat().st_mtime_ns
+    logs = []
+    run = train_behaviour_policy("Pendulum-v1", **kw, log=logs.append)  # resumes from step 300
+    assert logs[0] == f"resuming Pendulum-v1 {algo} from step 300" and len(logs) == 2
+    assert [c.step for c in run.checkpoints] == [300, 600] and (directory / "policy_300.zip").stat().st_mtime_ns == first
+    replay = run.replay()
+    assert replay["observations"].shape == (600, 3)  # every transition, also the one of the checkpointed step
+    again = train_behaviour_policy("Pendulum-v1", **kw, log=logs.append)  # finished: cached, no retraining
+    assert again.checkpoints == run.checkpoints and len(logs) == 2
     assert run.best().return_mean == max(c.return_mean for c in run.checkpoints)
 
 
