@@ -7,14 +7,17 @@ critic's action gradient, ``|| -eps_theta(a_t, t | s) - q_coeff grad_a Q(s, a_t)
 buffer actions noised to ``a_t`` (eq. 8 in the sigma-scaled form DPPO's code uses;
 :class:`~diffpolicy.chain_losses.QScoreMatchingLoss`). Per iteration
 ``replay_ratio x frames / batch_size`` gradient steps; the first ``critic_warmup_iters``
-iterations (and the first ones after a resume, whose buffer starts empty) train the critic only. Defaults are DPPO's Hopper values (reward x 0.01,
-``q_coeff`` 50, tau 0.005, batch 256, replay ratio 32, 5 warm-up iterations).
+iterations train the critic only. Defaults are DPPO's Hopper values (reward x 0.01,
+``q_coeff`` 50, tau 0.005, batch 256, replay ratio 32, 5 warm-up iterations). Checkpoints hold the
+replay buffer (oldest to newest; 200k Hopper transitions are about 22 MB), so a resumed run
+continues the same algorithm rather than restarting from an empty buffer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 from tensordict import TensorDict
 from torch import nn
 
@@ -49,6 +52,7 @@ class QSM(OnlineChainAgent):
         self.critic_target = self.critic.make_target()
         self.loss = QScoreMatchingLoss(self.actor, self.critic.q_min, q_coeff=c.q_coeff)
         self.buffer = ReplayBuffer(storage=LazyTensorStorage(c.buffer_size), batch_size=c.batch_size)
+        self.written = 0  # transitions written to the buffer (its ring position is written % buffer_size)
         self.warmup_end = c.critic_warmup_iters  # iterations before the actor trains
 
     def build_critic(self) -> nn.Module:
@@ -63,6 +67,7 @@ class QSM(OnlineChainAgent):
             ("next", "observation"): flat["next", "observation"],
             ("next", "reward"): flat["next", "reward"].reshape(-1) * c.reward_scale,
             ("next", "terminated"): flat["next", "terminated"].reshape(-1)}, batch_size=flat.shape[:1]))
+        self.written += flat.shape[0]
         n_steps = max(1, int(c.replay_ratio * flat.shape[0] / c.batch_size))
         train_actor = self.iterations >= self.warmup_end
         critic_losses, actor_losses = [], []
@@ -84,7 +89,21 @@ class QSM(OnlineChainAgent):
                 "gradient_steps": float(n_steps), "buffer": float(len(self.buffer)),
                 "reward_mean": float(td["next", "reward"].mean())}
 
+    def _extra_state(self) -> dict:
+        n = len(self.buffer)
+        oldest_first = (torch.arange(self.written - n, self.written) % self.config.buffer_size) if n else None
+        return {"buffer": self.buffer.storage[oldest_first].to_dict() if n else None}
+
     def _load_extra_state(self, state: dict) -> None:
-        # The replay buffer is not checkpointed (it can be large): after a resume the critic warms
-        # up again on fresh data before the actor follows its gradient.
-        self.warmup_end = self.iterations + self.config.critic_warmup_iters
+        self.buffer.empty()
+        self.written = 0
+        saved = state.get("buffer", None)
+        if saved is None and self.iterations:
+            # a checkpoint written before buffers were saved: the critic warms up again on fresh data
+            self.warmup_end = self.iterations + self.config.critic_warmup_iters
+            return
+        self.warmup_end = self.config.critic_warmup_iters
+        if saved is not None:
+            td = TensorDict(saved, batch_size=[len(saved["observation"])])
+            self.buffer.extend(td)
+            self.written = td.shape[0]

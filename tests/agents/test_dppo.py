@@ -269,9 +269,24 @@ def test_one_env_and_resumed_qsm_and_drwr(tmp_path):
     cfg = dict(eval_every=1, eval_episodes=1, checkpoint_every=1)
     train_online(QSM.from_diffusion_bc(bc, **kw), WALK_ID, NO_DATA, OnlineConfig(env_steps=32, **cfg),
                  run_dir=tmp_path / "qsm", progress=False)
+    first = QSM.from_diffusion_bc(bc, **{**kw, "buffer_size": 24})  # 2 iterations x 16 transitions: wraps
+    train_online(first, WALK_ID, NO_DATA, OnlineConfig(env_steps=32, **cfg), run_dir=tmp_path / "qsm2", progress=False)
+    q = QSM.from_diffusion_bc(bc, **{**kw, "buffer_size": 24})
+    q.load_training_state(load_checkpoint(tmp_path / "qsm2")["agent"])
+    assert q.iterations == 2 and q.warmup_end == 1 and len(q.buffer) == 24
+    newest = lambda a: a.buffer.storage[torch.arange(a.written - 24, a.written) % 24]  # oldest to newest
+    for key in ("observation", "action", ("next", "reward"), ("next", "observation")):
+        torch.testing.assert_close(newest(q)[key], newest(first)[key], rtol=0, atol=0)
+    q.buffer.extend(newest(q)[:4])  # the next write evicts the oldest transitions, as it would have
+    q.written += 4
+    torch.testing.assert_close(newest(q)[:20]["action"], newest(first)[4:]["action"], rtol=0, atol=0)
     q = QSM.from_diffusion_bc(bc, **kw)
     train_online(q, WALK_ID, NO_DATA, OnlineConfig(env_steps=48, **cfg), run_dir=tmp_path / "qsm", progress=False)
-    assert q.iterations == 3 and q.warmup_end == 2 + 1  # the empty buffer after a resume: the critic warms up again
+    assert q.iterations == 3 and q.warmup_end == 1 and len(q.buffer) == 48  # its buffer came back: no new warm-up
+    old = load_checkpoint(tmp_path / "qsm")["agent"]
+    del old["buffer"]  # a checkpoint from before buffers were saved: the critic warms up again on fresh data
+    q.load_training_state(old)
+    assert len(q.buffer) == 0 and q.warmup_end == 3 + 1
     d = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)
     train_online(d, WALK_ID, NO_DATA, OnlineConfig(env_steps=16, **cfg), run_dir=tmp_path / "drwr", progress=False)
     d2 = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)
