@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
 import random
 
@@ -111,14 +112,29 @@ class RunLogger:
             self.tb = None
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        """Append a row to ``<kind>.csv``. Columns follow the file's header: a value the header lacks
+        (a metric added since the run started) widens the file, earlier rows left blank there."""
         if self.run_dir is None:
             return
         path = self.run_dir / f"{kind}.csv"
         row = {"step": step, **values}
-        new = not path.exists()
+        header = None
+        if path.exists():
+            with path.open(newline="") as f:
+                header = next(csv.reader(f), None)
+        if header is not None and not set(row) <= set(header):
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            header = header + [k for k in row if k not in header]
+            tmp = path.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=header)
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, path)
         with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
+            w = csv.DictWriter(f, fieldnames=header or list(row))
+            if header is None:
                 w.writeheader()
             w.writerow(row)
         if self.tb is not None:

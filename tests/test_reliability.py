@@ -195,3 +195,23 @@ def test_the_size_check_accepts_a_filtered_healthy_dataset(pendulum_data):
     ds = load_dataset(pendulum_data.dataset_id, download=False)
     first = ds.filter_episodes(lambda ep: ep.id == 0)
     assert len(OfflineData.from_minari(first)) == first.total_steps < ds.total_steps
+
+
+def test_a_metric_added_since_the_run_started_widens_the_csv_instead_of_shifting_columns(tmp_path):
+    import csv
+
+    from diffpolicy.runlog import RunLogger
+
+    log = RunLogger(tmp_path)
+    log.write("train", 1, {"loss": 0.5, "kl": 0.1})
+    log.close()
+    log = RunLogger(tmp_path, resume_step=1)  # the run resumes under code that logs one more value
+    log.write("train", 2, {"loss": 0.4, "episode_return": 7.0, "kl": 0.2})
+    log.write("train", 3, {"loss": 0.3})  # and a row that lacks some
+    log.close()
+    with (tmp_path / "train.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "loss", "kl", "episode_return"]
+    assert rows == [{"step": "1", "loss": "0.5", "kl": "0.1", "episode_return": ""},
+                    {"step": "2", "loss": "0.4", "kl": "0.2", "episode_return": "7.0"},
+                    {"step": "3", "loss": "0.3", "kl": "", "episode_return": ""}]
