@@ -5,7 +5,8 @@
 :class:`~torchrl.modules.MLP`) outputs ``2 * act_dim`` numbers that
 :class:`~tensordict.nn.NormalParamExtractor` splits into a state-dependent location and a
 positive scale (biased softplus); the action is ``tanh`` of a normal sample, so it lies in
-``(-1, 1)``. Training maximises the likelihood of the dataset actions.
+``(-1, 1)``. Training maximises the likelihood of the dataset actions with TorchRL's
+:class:`~torchrl.objectives.BCLoss` (its negative log-likelihood for a distributional actor).
 
 Dataset actions at the bounds: the tanh-normal density at ``|a| = 1`` needs ``atanh(+-1) = +-inf``
 and its log-Jacobian ``log(1 - a^2)`` diverges, so actions are clamped to
@@ -21,6 +22,7 @@ is what diffusion BC avoids.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from tensordict import TensorDict
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from torchrl.data import Bounded
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
+from torchrl.objectives import BCLoss
 
 from .base import AgentConfig, OfflineAgent
 
@@ -86,10 +89,16 @@ class GaussianBC(OfflineAgent):
         self.actor = tanh_normal_actor(obs_dim, act_dim, c.hidden, c.depth)
         self.add_optimizer("actor", self.actor.parameters())
 
+        with warnings.catch_warnings():  # TorchRL's own note about its target-parameter annotations
+            warnings.filterwarnings("ignore", message="The name target_actor_network_params")
+            # A tuple, not a submodule: the loss shares the actor's parameters, and checkpoints hold the actor alone.
+            self._bc_loss = (BCLoss(self.actor),)
+
     def nll(self, obs: Tensor, action: Tensor) -> Tensor:
         """Mean negative log-likelihood of ``action`` (clamped to ``+-(1 - action_eps)``) under ``pi(. | obs)``."""
-        dist = self.actor.get_dist(TensorDict({"observation": obs}, batch_size=obs.shape[:-1]))
-        return -dist.log_prob(clamp_action(action, self.config.action_eps)).mean()
+        td = TensorDict({"observation": obs, "action": clamp_action(action, self.config.action_eps)},
+                        batch_size=obs.shape[:-1])
+        return self._bc_loss[0](td)["loss_bc"]
 
     def update(self, batch) -> dict[str, Tensor]:
         loss = self.nll(batch["observation"], batch["action"])

@@ -49,6 +49,30 @@ def test_losses_fall_on_pendulum(pendulum_data):
         assert a.shape == (64, data.act_dim) and a.abs().max() <= 1.0 and not a.requires_grad
 
 
+def test_gaussian_bc_loss_is_the_tanh_normal_nll_by_hand():
+    """TorchRL's ``BCLoss`` on the tanh-normal actor: ``-log N(atanh a | loc, scale) + log(1 - a^2)``, summed
+    over action dims, averaged over the batch, with data actions on the bounds clamped to ``1 - eps``."""
+    from diffpolicy.agents.gaussian_bc import GaussianBC
+
+    torch.manual_seed(0)
+    agent = GaussianBC(3, 2, hidden=16)
+    obs = torch.randn(64, 3)
+    action = torch.rand(64, 2) * 2 - 1
+    action[:4, 0] = 1.0  # on the bound
+    out = agent.actor.module[0](TensorDict({"observation": obs}, [64]))
+    a = action.clamp(-1 + 1e-6, 1 - 1e-6).double()
+    logp = (torch.distributions.Normal(out["loc"].double(), out["scale"].double()).log_prob(torch.atanh(a))
+            - torch.log1p(-a * a)).sum(-1)
+    inside, edge = agent.nll(obs[4:], action[4:]).double(), agent.nll(obs[:4], action[:4]).double()
+    torch.testing.assert_close(inside, -logp[4:].mean(), rtol=1e-5, atol=1e-5)
+    # on the bound, float32's 1 - a^2 (about 2e-6) carries a few per cent: the log-density to about 0.05
+    assert torch.isfinite(edge) and abs(float(edge + logp[:4].mean())) < 0.1
+    assert not any(k.startswith("_bc_loss") for k in agent.state_dict())  # checkpoints hold the actor alone
+    before = [p.clone() for p in agent.actor.parameters()]
+    agent.update(TensorDict({"observation": obs, "action": action}, [64]))
+    assert all(not torch.equal(p, b) for p, b in zip(agent.actor.parameters(), before))  # BCLoss trains the actor
+
+
 # ------------------------------------------------------------------ (2) checkpoints round-trip
 def test_state_dict_round_trip_through_trainer(pendulum_data, tmp_path):
     data = pendulum_data
