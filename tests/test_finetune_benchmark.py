@@ -38,6 +38,7 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
     runs = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("seed0.json"))
     assert len(runs) == len(bench.METHODS)
     md = (tmp_path / "out" / "finetune.md").read_text()
+    assert "target <= 1.3)" in md and "smoke settings" not in md and rep["rollout"]["smoke"] is False
     again = bench.main(args + ["--assemble"])  # no training: the same table from the run files
     assert again["results"] == rep["results"] and (tmp_path / "out" / "finetune.md").read_text() == md
     # a sweep that does not time (--no-rollout-ratio: every run here is finished) keeps the measured ratio
