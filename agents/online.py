@@ -59,7 +59,9 @@ class OnlineChainConfig:
     num_envs: int = 10                  # parallel environments (TorchRL SerialEnv)
     steps_per_iter: int = 250           # policy decisions per env per iteration (action_chunk env steps each)
     chain_steps: int | None = None      # K: the chain's steps (None: the pre-trained model's); fewer runs a
-                                        # sub-grid of its timesteps (DPPO's ddim_steps; diffusers' "trailing" spacing)
+                                        # sub-grid of its timesteps (DPPO's ddim_steps), spaced by chain_spacing:
+    chain_spacing: str = "trailing"     # "trailing" (Lin et al. 2024: the grid starts at the last timestep) or
+                                        # "leading" (DPPO's code: k * N // K, so it starts below the last)
     ft_steps: int | None = None         # K': fine-tuned last denoising steps (None: all K)
     eta: float = 1.0                    # 1: DDPM steps; < 1: DDIM(eta) steps
     min_sampling_std: float = 0.1       # exploration-noise floor of every step
@@ -73,6 +75,18 @@ class OnlineChainConfig:
     max_grad_norm: float | None = 1.0
     critic_hidden: int = 256
     critic_depth: int = 3
+
+
+def chain_grid(schedule, K: int, spacing: str) -> Tensor:
+    """The ``K + 1`` times of a ``K``-step chain on a sub-grid of a discrete schedule's training timesteps."""
+    if spacing not in ("trailing", "leading"):
+        raise ValueError(f"chain_spacing must be 'trailing' or 'leading', got {spacing!r}")
+    if not hasattr(schedule, "num_train_timesteps"):
+        if spacing != "trailing":
+            raise ValueError(f"chain_spacing={spacing!r} needs a discrete schedule; {type(schedule).__name__} is "
+                             "continuous (its K-step grid is uniform in t)")
+        return schedule.timesteps(K)
+    return schedule.timesteps(K, spacing=spacing)
 
 
 def with_scaled_rewards(td, scaler, enabled: bool = True):
@@ -149,7 +163,9 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
         self.config, self.obs_dim, self.act_dim, self.K, self.ft = c, obs_dim, act_dim, K, ft
         self.actor = copy.deepcopy(actor).requires_grad_(True)
         self.base = copy.deepcopy(actor).requires_grad_(False)
-        self.register_buffer("ts", torch.as_tensor(actor.schedule.timesteps(K), dtype=torch.float64))
+        grid = (actor.schedule.timesteps(K) if c.chain_steps is None
+                else chain_grid(actor.schedule, K, c.chain_spacing))
+        self.register_buffer("ts", torch.as_tensor(grid, dtype=torch.float64))
         self.critic = self.build_critic()
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)

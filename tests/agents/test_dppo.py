@@ -103,6 +103,10 @@ def test_ddim_fine_tuning_runs_a_sub_grid_of_the_training_steps(tmp_path):
                  run_dir=tmp_path, progress=False)
     after = mean_error(agent)
     assert before > 0.5 and after < 0.15, (before, after)
+    # DPPO's own spacing: k * N // K from 0 (here 0 and 2 of 0..4), then the clean end
+    assert _agent(chain_steps=2, chain_spacing="leading").ts.tolist() == [2.0, 0.0, -1.0]
+    with pytest.raises(ValueError, match="chain_spacing must be"):
+        _agent(chain_steps=2, chain_spacing="uniform")
     with pytest.raises(ValueError, match=r"chain_steps must be in \[1, 5\]"):
         _agent(chain_steps=6)
     with pytest.raises(ValueError, match=r"ft_steps must be in \[1, 2\]"):
