@@ -125,7 +125,8 @@ def make_online_agent(name: str, pretrained=None, *, obs_dim: int | None = None,
         raise ValueError(f"{name!r} is an offline agent: train it with `diffpolicy train` / train_offline; "
                          f"online fine-tuning agents: {', '.join(ONLINE_AGENTS)}")
     need = "gaussian_bc" if name == "gaussian_ppo" else "diffusion_bc"
-    if pretrained is None:
+    scratch = pretrained is None
+    if scratch:
         if obs_dim is None or act_dim is None:
             raise ValueError(f"{name} from scratch needs obs_dim and act_dim (or a trained {need} to start from)")
         import dataclasses
@@ -138,9 +139,10 @@ def make_online_agent(name: str, pretrained=None, *, obs_dim: int | None = None,
     if getattr(pretrained, "name", None) != need:
         raise ValueError(f"{name} fine-tunes a trained {need}, got {getattr(pretrained, 'name', type(pretrained))!r}")
     cls = agent_class(name)
-    if name == "gaussian_ppo":
-        return cls.from_gaussian_bc(pretrained, **settings)
-    return cls.from_diffusion_bc(pretrained, **settings)
+    agent = (cls.from_gaussian_bc if name == "gaussian_ppo" else cls.from_diffusion_bc)(pretrained, **settings)
+    if scratch:  # train_online records it: load_agent rebuilds the run, and a resume must use the same policy
+        agent.scratch_policy = {"run": None, **describe_agent(pretrained)}
+    return agent
 
 
 def describe_agent(agent) -> dict:

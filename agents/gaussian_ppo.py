@@ -74,8 +74,14 @@ class GaussianPPO(OnlineCheckpoint, nn.Module):
 
     @classmethod
     def from_gaussian_bc(cls, bc, config: GaussianPPOConfig | None = None, **overrides) -> "GaussianPPO":
-        """Start from a trained :class:`~diffpolicy.agents.gaussian_bc.GaussianBC` (same network)."""
-        overrides = {"hidden": bc.config.hidden, "depth": bc.config.depth, **overrides}
+        """Start from a trained :class:`~diffpolicy.agents.gaussian_bc.GaussianBC` (same network: its
+        ``hidden`` / ``depth``; asking for another width is an error, not silently ignored)."""
+        for k in ("hidden", "depth"):
+            asked = overrides.get(k, getattr(config, k, None))
+            if asked not in (None, getattr(GaussianPPOConfig, k), getattr(bc.config, k)):
+                raise ValueError(f"gaussian_ppo fine-tunes the Gaussian BC's own network ({k}={getattr(bc.config, k)}), "
+                                 f"but {k}={asked} was asked: set it on the BC (from scratch: policy.{k}={asked})")
+        overrides = {**overrides, "hidden": bc.config.hidden, "depth": bc.config.depth}
         return cls(bc.obs_dim, bc.act_dim, config, actor_state=bc.actor.state_dict(), **overrides)
 
     def policy_module(self):

@@ -61,7 +61,7 @@ class OnlineChainConfig:
     chain_steps: int | None = None      # K: the chain's steps (None: the pre-trained model's); fewer runs a
                                         # sub-grid of its timesteps (DPPO's ddim_steps), spaced by chain_spacing:
     chain_spacing: str = "trailing"     # "trailing" (Lin et al. 2024: the grid starts at the last timestep) or
-                                        # "leading" (DPPO's code: k * N // K, so it starts below the last)
+                                        # "leading" (DPPO's code: k * (N // K), so it starts below the last)
     ft_steps: int | None = None         # K': fine-tuned last denoising steps (None: all K)
     eta: float = 1.0                    # 1: DDPM steps; < 1: DDIM(eta) steps
     min_sampling_std: float = 0.1       # exploration-noise floor of every step
@@ -79,8 +79,6 @@ class OnlineChainConfig:
 
 def chain_grid(schedule, K: int, spacing: str) -> Tensor:
     """The ``K + 1`` times of a ``K``-step chain on a sub-grid of a discrete schedule's training timesteps."""
-    if spacing not in ("trailing", "leading"):
-        raise ValueError(f"chain_spacing must be 'trailing' or 'leading', got {spacing!r}")
     if not hasattr(schedule, "num_train_timesteps"):
         if spacing != "trailing":
             raise ValueError(f"chain_spacing={spacing!r} needs a discrete schedule; {type(schedule).__name__} is "
@@ -153,6 +151,8 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
             raise ValueError(f"act_dim={act_dim} is not a whole number of chunks of {action_chunk} actions")
         self.action_chunk = action_chunk  # the env executes act_dim / action_chunk-d actions this many at a time
         c = dataclasses.replace(config or self.config_class(), **overrides)
+        if c.chain_spacing not in ("trailing", "leading"):
+            raise ValueError(f"chain_spacing must be 'trailing' or 'leading', got {c.chain_spacing!r}")
         K = diffusion_steps if c.chain_steps is None else c.chain_steps
         if not 1 <= K <= diffusion_steps:
             raise ValueError(f"chain_steps must be in [1, {diffusion_steps}] (the pre-trained model's steps), "
@@ -302,7 +302,9 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
 
     ``pretrained``: where the agent started from (``{"run": dir, **describe_agent(bc)}``, as
     ``diffpolicy finetune`` passes), recorded in ``config.json`` (not compared on resume, so a
-    moved run still resumes) for :func:`~diffpolicy.agents.load_agent`.
+    moved run still resumes) for :func:`~diffpolicy.agents.load_agent`. An agent that
+    :func:`~diffpolicy.agents.make_online_agent` built from scratch records its untrained policy
+    itself (``"run": None``), and that record is part of the run's configuration.
     """
     from torchrl.collectors import Collector
     from torchrl.envs import RewardSum
@@ -311,6 +313,9 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
 
     cfg = cfg or OnlineConfig()
     a = agent.config
+    if pretrained is None:  # make_online_agent's untrained policy (from scratch) describes itself
+        pretrained = getattr(agent, "scratch_policy", None)
+    scratch = pretrained is not None and pretrained.get("run") is None
     chunk = getattr(agent, "action_chunk", 1)
     check_policy_shapes(agent, env_id, chunk)  # before the run directory is touched
     obs_loc, obs_scale = (None, None) if data is None else (data.obs_mean, data.obs_std)
@@ -323,6 +328,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
                                         "train": {k: v for k, v in dataclasses.asdict(cfg).items()
                                                   if k not in ("env_steps", "parallel_envs")},
                                         "dataset": getattr(data, "dataset_id", None), "env_id": env_id,
+                                        # from scratch, the policy's settings are part of what the run is
+                                        **({"scratch_policy": pretrained} if scratch else {}),
                                         **({"drop_nonfinite": True} if getattr(data, "dropped_nonfinite", 0) else {})},
                                        default=str))
     state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
@@ -333,8 +340,13 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             raise CheckpointError(f"the checkpoint in {run_path} does not fit this {agent.name} agent: {e}. It was "
                                   "written with other settings (or code); use them or a new run directory") from None
 
+    def fill_old(old):  # settings added to the agent since the run started: at their defaults
+        defaults = json.loads(json.dumps(dataclasses.asdict(type(a)()), default=str))
+        return {**old, "agent_config": {**defaults, **old.get("agent_config", {})}}
+
     recorded = {"env_steps": cfg.env_steps, **({"pretrained": pretrained} if pretrained else {})}
-    saved = open_run(run_path, run_config, json.loads(json.dumps(recorded, default=str)), load=load)
+    saved = open_run(run_path, run_config, json.loads(json.dumps(recorded, default=str)), fill_old=fill_old,
+                     load=load)
     if saved is not None:
         state = saved["state"]
         set_rng_state(saved["rng"])

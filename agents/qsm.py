@@ -92,7 +92,7 @@ class QSM(OnlineChainAgent):
     def _extra_state(self) -> dict:
         n = len(self.buffer)
         oldest_first = (torch.arange(self.written - n, self.written) % self.config.buffer_size) if n else None
-        return {"buffer": self.buffer.storage[oldest_first].to_dict() if n else None}
+        return {"buffer": self.buffer.storage[oldest_first].to_dict() if n else None, "warmup_end": self.warmup_end}
 
     def _load_extra_state(self, state: dict) -> None:
         self.buffer.empty()
@@ -102,7 +102,7 @@ class QSM(OnlineChainAgent):
             # a checkpoint written before buffers were saved: the critic warms up again on fresh data
             self.warmup_end = self.iterations + self.config.critic_warmup_iters
             return
-        self.warmup_end = self.config.critic_warmup_iters
+        self.warmup_end = state.get("warmup_end", self.config.critic_warmup_iters)
         if saved is not None:
             td = TensorDict(saved, batch_size=[len(saved["observation"])])
             self.buffer.extend(td)

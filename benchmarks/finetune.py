@@ -417,7 +417,7 @@ def main(argv=None):
     from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
 
     make_dataset(args.env, args.quality, n_transitions=args.transitions, behaviour_steps=args.behaviour_steps,
-                 behaviour_eval_every=max(1000, args.behaviour_steps // 15), progress=not args.no_progress)
+                 progress=not args.no_progress)
     data = OfflineData.from_minari(load_dataset(dataset_id(args.env, args.quality), download=False))
     needs_bc = any(m in DIFFUSION_METHODS for m in args.methods) or not args.no_rollout_ratio
     bc = gbc = None

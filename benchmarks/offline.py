@@ -376,7 +376,7 @@ def main(argv=None):
         data = {}
         for q in args.qualities:
             make_dataset(args.env, q, n_transitions=args.transitions, behaviour_steps=args.behaviour_steps,
-                         behaviour_eval_every=max(1000, args.behaviour_steps // 15), progress=not args.no_progress)
+                         progress=not args.no_progress)
             data[q] = OfflineData.from_minari(load_dataset(dataset_id(args.env, q), download=False))
         for seed in args.seeds:
             for q in args.qualities:

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the SB3 behaviour agent (default: sac; tqc needs sb3-contrib)")
     make.add_argument("--behaviour-steps", type=int, default=150_000, help="SB3 training steps (default: 150000)")
     make.add_argument("--behaviour-eval-every", type=int, default=None,
-                      help="steps between the behaviour run's checkpoints (default: a 15th of its steps, at most 10000)")
+                      help="steps between the behaviour run's checkpoints (default: about a 15th of its steps, "
+                           "1000 to 10000, dividing them)")
     make.add_argument("--ref-episodes", type=int, default=50, help="episodes for the reference scores (default: 50)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that id")
@@ -232,8 +233,7 @@ def _finetune_command(args) -> int:
         torch.manual_seed(conf["train"].seed)  # the untrained policy's weights: the same seed, the same run
         agent = make_online_agent(args.agent, obs_dim=obs_dim, act_dim=act_dim, policy=conf["policy"],
                                   config=conf["agent"])
-        data, env_id = None, args.env
-        pretrained = {"run": None, **describe_agent(agent_class(need)(obs_dim, act_dim, config=conf["policy"]))}
+        data, env_id, pretrained = None, args.env, None  # the agent describes its untrained policy itself
     else:
         source = Path(args.source)
         bc = load_agent(source)
@@ -297,7 +297,7 @@ def _dataset_command(args) -> int:
     if args.dataset_command == "make":
         ds = D.make_dataset(args.env_id, args.quality, n_transitions=args.transitions,
                             behaviour_algo=args.algo, behaviour_steps=args.behaviour_steps,
-                            behaviour_eval_every=args.behaviour_eval_every or min(10_000, max(1, args.behaviour_steps // 15)),
+                            behaviour_eval_every=args.behaviour_eval_every,
                             ref_episodes=args.ref_episodes, seed=args.seed,
                             overwrite=args.overwrite)
         print(f"made {ds.spec.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")

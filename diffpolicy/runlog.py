@@ -124,7 +124,7 @@ class RunLogger:
                 header = next(csv.reader(f), None)
         if header is not None and not set(row) <= set(header):
             with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
+                rows = [{k: v for k, v in r.items() if k is not None} for r in csv.DictReader(f)]  # no stray cells
             header = header + [k for k in row if k not in header]
             tmp = path.with_suffix(".csv.tmp")
             with tmp.open("w", newline="") as f:

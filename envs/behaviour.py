@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["BehaviourRun", "Checkpoint", "diffpolicy_home", "train_behaviour_policy", "ALGOS"]
+__all__ = ["BehaviourRun", "Checkpoint", "diffpolicy_home", "default_eval_every", "train_behaviour_policy", "ALGOS"]
 
 ALGOS = ("sac", "td3", "tqc")
 
@@ -156,12 +156,21 @@ def _export_replay(model, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
+def default_eval_every(total_steps: int) -> int:
+    """Checkpoint spacing of a behaviour run: about a 15th of it, within ``[1000, 10000]`` steps (and no more
+    than the run), rounded down to a divisor of ``total_steps`` so the last step is checkpointed too."""
+    every = min(total_steps, 10_000, max(1_000, total_steps // 15))
+    while total_steps % every:
+        every -= 1
+    return every
+
+
 def train_behaviour_policy(
     env_id: str,
     *,
     algo: str = "sac",
     total_steps: int = 150_000,
-    eval_every: int = 10_000,
+    eval_every: int | None = None,
     eval_episodes: int = 5,
     seed: int = 0,
     learning_starts: int | None = None,
@@ -171,13 +180,19 @@ def train_behaviour_policy(
 ) -> BehaviourRun:
     """Train (or load from cache, or resume) a stable-baselines3 behaviour policy.
 
-    Every ``eval_every`` steps the policy is evaluated over ``eval_episodes`` deterministic
-    episodes and saved; the replay buffer is saved with it so a killed run resumes from the
-    last checkpoint. ``learning_starts`` (random warm-up steps) defaults to
+    Every ``eval_every`` steps (default :func:`default_eval_every`; it must divide ``total_steps``)
+    the policy is evaluated over ``eval_episodes`` deterministic episodes and saved; the replay
+    buffer is saved with it so a killed run resumes from the last checkpoint. A cached run
+    checkpointed at another spacing is an error (the medium policy is chosen among the
+    checkpoints). ``learning_starts`` (random warm-up steps) defaults to
     ``min(5000, total_steps // 10)``. Returns the run with all its checkpoints.
     """
-    if total_steps < eval_every:
-        raise ValueError(f"total_steps ({total_steps}) must be at least eval_every ({eval_every})")
+    if eval_every is None:
+        eval_every = default_eval_every(total_steps)
+    if total_steps < eval_every or total_steps % eval_every:
+        raise ValueError(f"eval_every ({eval_every}) must divide total_steps ({total_steps}), so that the "
+                         f"final policy is checkpointed; default_eval_every({total_steps}) = "
+                         f"{default_eval_every(total_steps)}")
     algo = algo.lower()
     cls = _algo_class(algo)
     if learning_starts is None:
@@ -188,6 +203,10 @@ def train_behaviour_policy(
     index = directory / "checkpoints.json"
     done_marker = directory / "done"
     checkpoints = [Checkpoint(**c) for c in json.loads(index.read_text())] if index.exists() else []
+    if checkpoints and checkpoints[0].step != eval_every:
+        raise ValueError(f"the cached behaviour run {directory} was checkpointed every {checkpoints[0].step} steps, "
+                         f"not {eval_every}: pass eval_every={checkpoints[0].step} (behaviour_eval_every for "
+                         "make_dataset, --behaviour-eval-every on the command line) or delete the directory")
 
     def run() -> BehaviourRun:
         return BehaviourRun(env_id, algo, seed, total_steps, directory, checkpoints)

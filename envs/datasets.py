@@ -238,13 +238,14 @@ def _reference_scores(run: BehaviourRun, episodes: int, seed: int) -> tuple[floa
 
 
 def make_dataset(env_id: str, quality: str, *, n_transitions: int = 1_000_000, seed: int = 0,
-                 behaviour_algo: str = "sac", behaviour_steps: int = 150_000, behaviour_eval_every: int = 10_000,
+                 behaviour_algo: str = "sac", behaviour_steps: int = 150_000, behaviour_eval_every: int | None = None,
                  ref_episodes: int = 50, overwrite: bool = False, progress: bool = True, version: int = 0):
     """Make (or reuse) the local Minari dataset ``diffpolicy/<env>/<quality>-v<version>``.
 
     ``n_transitions`` applies to random / medium / expert (D4RL: 1M) and is split half and
     half for medium-expert; medium-replay holds the behaviour run's replay buffer up to the
-    medium checkpoint. Returns the ``MinariDataset``.
+    medium checkpoint. The behaviour run is checkpointed every ``behaviour_eval_every`` steps
+    (default: :func:`~diffpolicy.envs.behaviour.default_eval_every`). Returns the ``MinariDataset``.
     """
     import minari
 
@@ -344,7 +345,8 @@ class OfflineData:
 
     def __post_init__(self):
         _check_finite({k: getattr(self, k).detach().cpu().numpy() for k in ("observations", "actions", "rewards", "next_observations")},
-                      self.dataset_id or "the data", drop=False)
+                      self.dataset_id or "the data", drop=False, how="drop them before building OfflineData, or "
+                      "load it with OfflineData.from_minari(..., drop_nonfinite=True)")
         self.obs_mean = self.observations.mean(0)
         self.obs_std = self.observations.std(0) + 1e-3
 
@@ -516,7 +518,9 @@ def _env_id(dataset) -> str | None:
     return getattr(spec, "id", None) if spec is not None else None
 
 
-def _check_finite(data: dict[str, np.ndarray], name: str, drop: bool) -> dict[str, np.ndarray]:
+def _check_finite(data: dict[str, np.ndarray], name: str, drop: bool,
+                  how: str = "pass drop_nonfinite=True (`diffpolicy train --drop-nonfinite`) to drop those transitions",
+                  ) -> dict[str, np.ndarray]:
     """Count NaN / inf per field; refuse them, or drop the transitions that hold them."""
     bad_rows = np.zeros(len(data["actions"]), dtype=bool)
     counts = {}
@@ -529,8 +533,7 @@ def _check_finite(data: dict[str, np.ndarray], name: str, drop: bool) -> dict[st
     detail = ", ".join(f"{k}: {v}" for k, v in counts.items() if v)
     if not drop:
         raise NonFiniteDataError(
-            f"{name} holds non-finite values ({detail}) in {int(bad_rows.sum())} of {len(bad_rows)} transitions; "
-            f"pass drop_nonfinite=True (`diffpolicy train --drop-nonfinite`) to drop those transitions")
+            f"{name} holds non-finite values ({detail}) in {int(bad_rows.sum())} of {len(bad_rows)} transitions; {how}")
     import warnings
 
     warnings.warn(f"{name}: dropped {int(bad_rows.sum())} of {len(bad_rows)} transitions with non-finite values ({detail})")

@@ -174,6 +174,11 @@ def test_finetune_from_scratch_through_the_cli(tmp_path, capsys):
     assert main([*argv[:-6], "env_steps=400", *argv[-5:]]) == 0  # a larger budget continues the run
     assert "dppo: 400 env steps" in capsys.readouterr().out
     assert len((ft / "train.csv").read_text().splitlines()) == 1 + 4
+    changed = [a.replace("policy.hidden=16", "policy.hidden=16 policy.prediction=v").split(" ") for a in argv]
+    assert main([b for a in changed for b in a]) == 2  # the same shapes, another policy: not this run
+    assert "different configuration (scratch_policy differ)" in capsys.readouterr().err
+    assert main(["finetune", "gaussian_ppo", str(tmp_path / "g"), "--env", "Pendulum-v1", "hidden=64"]) == 2
+    assert "policy.hidden=64" in capsys.readouterr().err  # not silently the default width
     assert main(["finetune", "dppo", str(tmp_path / "x")]) == 2
     assert "--from RUN_DIR" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["finetune", "dppo", str(tmp_path / "x"), "--env", "Pendulum-v1", "policy.hiden=3"]) == 2

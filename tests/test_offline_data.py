@@ -129,6 +129,15 @@ def test_non_finite_values_are_counted_refused_or_dropped(pendulum_data, tmp_pat
     assert not bool(data.sequences(2, 3)["valid"][2, 1:].any())
 
 
+def test_offline_data_built_from_tensors_refuses_non_finite_values():
+    obs = torch.zeros(5, 2)
+    obs[3, 1] = float("inf")
+    no = torch.zeros(5, dtype=torch.bool)
+    with pytest.raises(NonFiniteDataError, match=r"observations: 1\) in 1 of 5 transitions; drop them before"):
+        OfflineData(obs, torch.zeros(5, 1), torch.zeros(5), torch.zeros(5, 2), no, no, torch.zeros(5), -torch.ones(1),
+                    torch.ones(1))
+
+
 def test_return_range_reward_scale(pendulum_data):
     r = pendulum_data.episode_returns()
     assert len(r) == int(pendulum_data.episode_ids.max()) + 1
@@ -163,6 +172,18 @@ def test_behaviour_run_resumes_and_picks_medium(tmp_path, algo):
     again = train_behaviour_policy("Pendulum-v1", **kw, log=logs.append)  # finished: cached, no retraining
     assert again.checkpoints == run.checkpoints and len(logs) == 2
     assert run.best().return_mean == max(c.return_mean for c in run.checkpoints)
+    with pytest.raises(ValueError, match="checkpointed every 300 steps, not 200"):  # its medium comes from those
+        train_behaviour_policy("Pendulum-v1", **{**kw, "eval_every": 200}, log=logs.append)
+    with pytest.raises(ValueError, match=r"eval_every \(250\) must divide total_steps \(600\)"):
+        train_behaviour_policy("Pendulum-v1", **{**kw, "eval_every": 250}, log=logs.append)
+
+
+def test_default_behaviour_checkpoint_spacing_divides_the_run():
+    from diffpolicy.envs.behaviour import default_eval_every
+
+    assert default_eval_every(150_000) == 10_000 and default_eval_every(6_000) == 1_000  # the benchmarks' runs
+    assert default_eval_every(600) == 600 and default_eval_every(100_000) == 6_250  # 100000 // 15 = 6666 does not
+    assert all(n % default_eval_every(n) == 0 for n in range(1, 20_000, 37))
 
 
 def test_env_factory_normalises_observations_and_rescales_actions():

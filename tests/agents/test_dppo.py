@@ -165,6 +165,23 @@ def test_mismatched_env_fails_before_training(tmp_path):
         train_online(agent, "Hopper-v5", data, OnlineConfig(env_steps=8), run_dir=run, progress=False)
 
 
+def test_a_run_written_before_a_setting_existed_still_resumes(tmp_path):
+    import json
+
+    cfg = dict(eval_every=1, eval_episodes=1, checkpoint_every=1)
+    train_online(_agent(), TARGET_ID, NO_DATA, OnlineConfig(env_steps=256, **cfg), run_dir=tmp_path, progress=False)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    for k in ("chain_steps", "chain_spacing"):  # settings this run's code did not have yet
+        del conf["agent_config"][k]
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    out = train_online(_agent(), TARGET_ID, NO_DATA, OnlineConfig(env_steps=512, **cfg), run_dir=tmp_path,
+                       progress=False)
+    assert out["iterations"] == 2  # resumed at their defaults
+    with pytest.raises(ValueError, match="agent_config differ"):  # the new setting at another value: another run
+        train_online(_agent(chain_steps=3), TARGET_ID, NO_DATA, OnlineConfig(env_steps=768, **cfg),
+                     run_dir=tmp_path, progress=False)
+
+
 def test_training_episode_returns_are_logged(tmp_path):
     # WalkEnv: three steps (or fewer), so every 8 x 6-decision batch ends episodes; the logged mean is
     # the mean return of the episodes that ended, summed over their steps (checked against the batch).
@@ -291,6 +308,8 @@ def test_one_env_and_resumed_qsm_and_drwr(tmp_path):
     del old["buffer"]  # a checkpoint from before buffers were saved: the critic warms up again on fresh data
     q.load_training_state(old)
     assert len(q.buffer) == 0 and q.warmup_end == 3 + 1
+    q.load_training_state(q.training_state())  # the longer warm-up survives the next checkpoint
+    assert q.warmup_end == 3 + 1
     d = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)
     train_online(d, WALK_ID, NO_DATA, OnlineConfig(env_steps=16, **cfg), run_dir=tmp_path / "drwr", progress=False)
     d2 = DRWR.from_diffusion_bc(bc, num_envs=2, steps_per_iter=8)

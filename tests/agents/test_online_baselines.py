@@ -104,3 +104,19 @@ def test_every_online_agent_starts_from_scratch_or_from_its_own_kind_of_policy()
         make_online_agent("dppo", DiffusionBC(3, 2, hidden=8, depth=1), policy={"hidden": 4})
     with pytest.raises(ValueError, match="dppo fine-tunes a trained diffusion_bc, got 'gaussian_bc'"):
         make_online_agent("dppo", GaussianBC(3, 2))
+
+
+def test_a_from_scratch_run_records_its_policy_and_reopens(tmp_path):
+    from diffpolicy.agents import load_agent, make_online_agent
+
+    torch.manual_seed(0)
+    agent = make_online_agent("dawr", obs_dim=1, act_dim=1, policy={"hidden": 16, "depth": 1}, num_envs=2,
+                              steps_per_iter=8, batch_size=8)
+    train_online(agent, TARGET_ID, None, OnlineConfig(env_steps=32, eval_every=2, eval_episodes=2),
+                 run_dir=tmp_path, progress=False)
+    again = load_agent(tmp_path)  # no source run to read: the record in config.json rebuilds it
+    obs = torch.linspace(-0.8, 0.8, 5)[:, None]
+    torch.manual_seed(1)
+    a = agent.act(obs)
+    torch.manual_seed(1)
+    torch.testing.assert_close(again.act(obs), a)
