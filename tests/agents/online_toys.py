@@ -52,6 +52,29 @@ if WALK_ID not in gym.registry:
     gym.register(id=WALK_ID, entry_point=WalkEnv, max_episode_steps=3)
 
 
+class EdgeEnv(gym.Env):
+    """Three steps, reward ``1 + a``; an action above 0.5 ends the episode. Greedy (``a = 1``) scores 2;
+    staying in (``a`` just under 0.5) scores about 4.5: the better policy needs credit carried over steps."""
+
+    observation_space = gym.spaces.Box(-10.0, 10.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        a = float(np.asarray(action).reshape(-1)[0])
+        self.t += 1
+        return np.array([self.t], np.float32), 1.0 + a, a > 0.5, False, {}
+
+
+EDGE_ID = "DiffpolicyTestEdge-v0"
+if EDGE_ID not in gym.registry:
+    gym.register(id=EDGE_ID, entry_point=EdgeEnv, max_episode_steps=3)
+
+
 def mean_error(agent, episodes: int = 64) -> float:
     """``E|a - target|`` of the agent's deterministic action on fixed evaluation episodes."""
     res = evaluate(agent.act, TARGET_ID, episodes=episodes, seed=123, obs_loc=NO_DATA.obs_mean,
