@@ -41,10 +41,13 @@ class WalkEnv(gym.Env):
         self.t = 0
         return np.array([0.0], np.float32), {}
 
+    def reward(self, a: float) -> float:
+        return -abs(a - 0.2) + self.t
+
     def step(self, action):
         a = float(np.asarray(action).reshape(-1)[0])
         self.t += 1
-        return np.array([self.t], np.float32), -abs(a - 0.2) + self.t, a > 0.5, False, {}
+        return np.array([self.t], np.float32), self.reward(a), a > 0.5, False, {}
 
 
 WALK_ID = "DiffpolicyTestWalk-v0"
@@ -52,22 +55,12 @@ if WALK_ID not in gym.registry:
     gym.register(id=WALK_ID, entry_point=WalkEnv, max_episode_steps=3)
 
 
-class EdgeEnv(gym.Env):
-    """Three steps, reward ``1 + a``; an action above 0.5 ends the episode. Greedy (``a = 1``) scores 2;
-    staying in (``a`` just under 0.5) scores about 4.5: the better policy needs credit carried over steps."""
+class EdgeEnv(WalkEnv):
+    """WalkEnv with reward ``1 + a``: greedy (``a = 1``) ends the episode at once and scores 2; staying in
+    (``a`` just under 0.5) scores about 4.5, so the better policy needs credit carried over steps."""
 
-    observation_space = gym.spaces.Box(-10.0, 10.0, (1,), np.float32)
-    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return np.array([0.0], np.float32), {}
-
-    def step(self, action):
-        a = float(np.asarray(action).reshape(-1)[0])
-        self.t += 1
-        return np.array([self.t], np.float32), 1.0 + a, a > 0.5, False, {}
+    def reward(self, a: float) -> float:
+        return 1.0 + a
 
 
 EDGE_ID = "DiffpolicyTestEdge-v0"
