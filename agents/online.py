@@ -16,7 +16,9 @@ dataset the policy was pre-trained on, scores use its reference returns.
 With ``run_dir``: ``config.json``, ``train.csv`` (per iteration: the agent's metrics such as
 clip fraction, approx-KL and explained variance, the mean return of the training episodes that
 ended in the iteration (``episode_return``, ``episode_score``, ``episodes``: exploration noise
-included), environment steps and seconds),
+included), environment steps and seconds; with action chunks ``step`` counts every chunk whole,
+the budget's count, and ``env_steps_taken`` the steps actually run, fewer where an episode
+ended inside a chunk),
 ``eval.csv``, TensorBoard events under ``tb/`` and ``checkpoint.safetensors`` (every
 ``checkpoint_every`` iterations and at the end). A run directory with a checkpoint resumes:
 the agent, its optimisers, the reward scaler, counters and RNGs are restored; the
@@ -332,7 +334,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
                                         **({"scratch_policy": pretrained} if scratch else {}),
                                         **({"drop_nonfinite": True} if getattr(data, "dropped_nonfinite", 0) else {})},
                                        default=str))
-    state = {"iteration": 0, "env_steps": 0, "history": [], "train_seconds": 0.0}
+    state = {"iteration": 0, "env_steps": 0, "env_steps_taken": 0, "history": [], "train_seconds": 0.0}
     def load(saved):
         try:
             agent.load_training_state(saved["agent"])
@@ -373,7 +375,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             torch.manual_seed(cfg.eval_seed)
             res = evaluate(agent.act, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed, obs_loc=obs_loc,
                            obs_scale=obs_scale, score_fn=score_fn, reset=agent.reset, action_chunk=chunk)
-        rec = {"iteration": state["iteration"], "env_steps": state["env_steps"], "return_mean": res.return_mean,
+        rec = {"iteration": state["iteration"], "env_steps": state["env_steps"],
+               "env_steps_taken": state.get("env_steps_taken", state["env_steps"]), "return_mean": res.return_mean,
                "return_std": res.return_std, "score_mean": res.score_mean, "score_std": res.score_std}
         state["history"].append(rec)
         logger.write("eval", state["env_steps"], {k: v for k, v in rec.items() if k != "env_steps"})
@@ -403,10 +406,13 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             collector.update_policy_weights_()
             seconds = time.perf_counter() - t0
             state["iteration"] += 1
-            state["env_steps"] += td.numel() * chunk  # upper bound: a chunk cut short by an episode end counts whole
+            state["env_steps"] += td.numel() * chunk  # the budget's count: a chunk cut short by an episode end counts whole
+            taken = int(td["next", "chunk_steps"].sum()) if chunk > 1 else td.numel()
+            state["env_steps_taken"] = state.get("env_steps_taken", state["env_steps"] - td.numel() * chunk) + taken
             state["train_seconds"] += seconds
             ep = episodes(td)
             logger.write("train", state["env_steps"], {**metrics, **ep, "iteration": state["iteration"],
+                                                       "env_steps_taken": state["env_steps_taken"],
                                                        "seconds_per_iter": seconds, "collect_seconds": t_collect})
             bar.update(1)
             bar.set_postfix(episode_return=f"{ep['episode_return']:.4g}",

@@ -46,7 +46,7 @@ class ActionChunk(gym.Wrapper):
             total += float(reward)
             if terminated or truncated:
                 break
-        return obs, total, terminated, truncated, {**info, "chunk_steps": k + 1}
+        return obs, total, terminated, truncated, {**info, "chunk_steps": np.int64(k + 1)}
 
 
 def make_gym_env(env_id: str, normalized_actions: bool = True, action_chunk: int = 1):
@@ -71,14 +71,20 @@ def make_env(env_id: str, *, num_envs: int = 1, obs_loc: Tensor | np.ndarray | N
              action_chunk: int = 1):
     """A TorchRL env for ``env_id``: actions in ``[-1, 1]``, float32 observations standardised
     as ``(obs - obs_loc) / obs_scale`` when statistics are given, ``num_envs`` copies batched.
+    With ``action_chunk > 1`` each step runs a chunk (:class:`ActionChunk`) and reports the env
+    steps it took as ``("next", "chunk_steps")``.
     """
     from torchrl.envs import Compose, DoubleToFloat, GymWrapper, ObservationNorm, ParallelEnv, SerialEnv, TransformedEnv
+    from torchrl.envs.libs.gym import default_info_dict_reader
 
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
 
     def single():
-        return GymWrapper(make_gym_env(env_id, action_chunk=action_chunk), device=device)
+        env = GymWrapper(make_gym_env(env_id, action_chunk=action_chunk), device=device)
+        if action_chunk != 1:  # ("next", "chunk_steps"): env steps a chunk took (fewer when the episode ended)
+            env.set_info_dict_reader(default_info_dict_reader(["chunk_steps"]))
+        return env
 
     if num_envs == 1:
         base = single()

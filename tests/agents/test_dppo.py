@@ -205,6 +205,23 @@ def test_a_run_written_before_a_setting_existed_still_resumes(tmp_path):
                      run_dir=tmp_path, progress=False)
 
 
+def test_chunked_runs_log_the_env_steps_they_took(tmp_path):
+    # WalkEnv ends after 3 steps: a chunk of 2 runs 2 steps, then 1 (or fewer when an action ends it early)
+    torch.manual_seed(0)
+    agent = DPPO.from_diffusion_bc(DiffusionBC(1, 1, hidden=16, depth=1, horizon=2), num_envs=2, steps_per_iter=6)
+    seen = []
+    update = agent.update
+    agent.update = lambda td: (seen.append(td["next", "chunk_steps"].clone()), update(td))[1]
+    out = train_online(agent, WALK_ID, NO_DATA, OnlineConfig(env_steps=2 * 6 * 2 * 3, eval_every=3, eval_episodes=1),
+                       run_dir=tmp_path, progress=False)
+    rows = (tmp_path / "train.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    taken = float(last[header.index("env_steps_taken")])
+    assert out["env_steps"] == 72 and taken == float(sum(float(c.sum()) for c in seen))
+    assert 36 <= taken < 72  # every episode wastes at least one step of the budget's whole-chunk count
+    assert all(set(c.unique().tolist()) <= {1.0, 2.0} for c in seen)
+
+
 def test_training_episode_returns_are_logged(tmp_path):
     # WalkEnv: three steps (or fewer), so every 8 x 6-decision batch ends episodes; the logged mean is
     # the mean return of the episodes that ended, summed over their steps (checked against the batch).
