@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a trained BC run online (DPPO, DRWR, DAWR, QSM, Gaussian PPO)",
                         description="Fine-tune online from a trained run: dppo/drwr/dawr/qsm from a diffusion_bc "
                                     "run, gaussian_ppo from a gaussian_bc run; or, without --from, train from "
-                                    "scratch on --env (an untrained policy, its settings under policy.). Settings: the agent's config fields "
-                                    "and OnlineConfig's (env_steps, eval_every, eval_episodes, eval_seed, "
-                                    "checkpoint_every, seed).")
+                                    "scratch on --env (an untrained policy, its settings under policy.). "
+                                    "Settings: the agent's config fields and OnlineConfig's (env_steps, "
+                                    "eval_every, eval_episodes, eval_seed, checkpoint_every, seed).")
     ft.add_argument("agent", choices=list(ONLINE_AGENTS), metavar="AGENT", help=f"one of: {', '.join(ONLINE_AGENTS)}")
     ft.add_argument("run_dir", help="run directory of the fine-tuning (an existing run continues)")
     ft.add_argument("--from", dest="source", default=None,
