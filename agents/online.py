@@ -43,7 +43,7 @@ from diffpolicy.chain import rollout
 from diffpolicy.chain_losses import RewardWeightedLoss
 from diffpolicy.denoiser import DenoiserBase
 from diffpolicy.checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
-from diffpolicy.runlog import RunLogger, open_run, rng_state, set_rng_state, set_seed
+from diffpolicy.runlog import RunLogger, open_run, release_run, rng_state, set_rng_state, set_seed
 from diffpolicy.samplers import prior
 
 from .base import mlp
@@ -427,5 +427,6 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
         bar.close()
         logger.close()
         collector.shutdown()
+        release_run(run_path)
     return {"history": state["history"], "env_steps": state["env_steps"], "iterations": state["iteration"],
             "train_seconds": state["train_seconds"]}

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from diffpolicy.checkpoint import CHECKPOINT, load_state_checked, save_checkpoint
 from diffpolicy.runlog import RunLogger as _Logger
-from diffpolicy.runlog import open_run, process_group
+from diffpolicy.runlog import open_run, process_group, release_run
 from diffpolicy.runlog import rng_state as _rng_state
 from diffpolicy.runlog import set_rng_state as _set_rng_state
 from diffpolicy.runlog import set_seed as _set_seed
@@ -212,6 +212,7 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     finally:
         bar.close()
         logger.close()
+        release_run(run_path)
         agent.grad_sync = None  # the process group may be gone after this call
     final = state["history"][-1] if state["history"] else None
     return {"history": state["history"], "train_seconds": state["train_seconds"], "steps": state["step"],

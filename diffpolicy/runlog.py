@@ -13,7 +13,45 @@ import torch
 
 from .checkpoint import find_checkpoint, load_checkpoint
 
-__all__ = ["set_seed", "rng_state", "set_rng_state", "open_run", "RunLogger", "process_group"]
+__all__ = ["set_seed", "rng_state", "set_rng_state", "open_run", "release_run", "RunInUseError", "RunLogger",
+           "process_group"]
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+_HELD: dict[str, int] = {}  # run directories this process trains in -> the descriptor holding their lock
+
+
+def _claim(path: pathlib.Path) -> bool:
+    """Lock run directory ``path`` for this process (``flock`` on the directory itself, so nothing is
+    written into it); True when this call took the lock, False when this process already held it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): runs are not guarded
+        return False
+    key = str(path.resolve())
+    if key in _HELD:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunInUseError(f"{path} is in use by another process, which is training this run: wait for it to "
+                            "finish, or use another run directory") from None
+    _HELD[key] = fd
+    return True
+
+
+def release_run(run_dir) -> None:
+    """Let other processes train in ``run_dir`` again (the training loops call it when they end; the
+    lock also goes when the process does)."""
+    if run_dir is not None:
+        fd = _HELD.pop(str(pathlib.Path(run_dir).resolve()), None)
+        if fd is not None:
+            os.close(fd)
 
 
 def process_group() -> tuple[int, int]:
@@ -63,10 +101,27 @@ def open_run(run_dir, config: dict, budget: dict, *, fill_old=None, load=None) -
     Any difference raises a ValueError naming the differing keys, before anything is written.
     The checkpoint loads through :func:`~diffpolicy.checkpoint.load_checkpoint` (safetensors +
     JSON: it never runs code from the file; a corrupt one is a ``CheckpointError``).
+    The directory stays locked to this process until :func:`release_run` (or the process ends): a
+    second process opening it raises :class:`RunInUseError` instead of writing over the first's
+    checkpoints.
     """
     if run_dir is None:
         return None
     path = pathlib.Path(run_dir)
+    claimed = _claim(path) if path.is_dir() else False
+    try:
+        saved = _check_and_load(path, config, budget, fill_old, load)
+    except BaseException:
+        if claimed:
+            release_run(path)
+        raise
+    path.mkdir(parents=True, exist_ok=True)
+    _claim(path)
+    (path / "config.json").write_text(json.dumps({**config, **budget}, indent=1))
+    return saved
+
+
+def _check_and_load(path: pathlib.Path, config: dict, budget: dict, fill_old, load):
     ckpt = find_checkpoint(path) if path.is_dir() else None
     saved = None
     if ckpt is not None:
@@ -81,8 +136,6 @@ def open_run(run_dir, config: dict, budget: dict, *, fill_old=None, load=None) -
         saved = load_checkpoint(ckpt)
         if load is not None:
             load(saved)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({**config, **budget}, indent=1))
     return saved
 
 

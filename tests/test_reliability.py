@@ -215,3 +215,26 @@ def test_a_metric_added_since_the_run_started_widens_the_csv_instead_of_shifting
     assert rows == [{"step": "1", "loss": "0.5", "kl": "0.1", "episode_return": ""},
                     {"step": "2", "loss": "0.4", "kl": "0.2", "episode_return": "7.0"},
                     {"step": "3", "loss": "0.3", "kl": "", "episode_return": ""}]
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused_untouched(tmp_path):
+    """Two sweeps that overlap would otherwise write each other's checkpoints."""
+    from diffpolicy.runlog import RunInUseError, release_run
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from diffpolicy.runlog import open_run; "
+         f"open_run({str(run)!r}, {{'a': 1}}, {{}}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = (run / "config.json").read_text()
+        with pytest.raises(RunInUseError, match="in use by another process"):
+            open_run(run, {"a": 2}, {})
+        assert (run / "config.json").read_text() == before and sorted(p.name for p in run.iterdir()) == ["config.json"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert open_run(run, {"a": 2}, {}) is None  # the holder is gone: the directory is free
+    assert open_run(run, {"a": 2}, {}) is None  # this process may open its own run again (a resume in-process)
+    release_run(run)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from diffpolicy.ema import EMA
 from diffpolicy.checkpoint import CHECKPOINT, load_state_checked, save_checkpoint
-from diffpolicy.runlog import RunLogger, open_run, rng_state, set_rng_state
+from diffpolicy.runlog import RunLogger, open_run, release_run, rng_state, set_rng_state
 
 __all__ = ["train_student"]
 
@@ -97,6 +97,7 @@ def train_student(student: nn.Module, loss_fn: Callable[[int, torch.Generator], 
     finally:
         bar.close()
         logger.close()
+        release_run(run_path)
     if ckpt is None:
         state["seconds"] += time.perf_counter() - start
     return {"student": student, "ema": ema.module.eval(), "history": state["history"], "seconds": state["seconds"]}

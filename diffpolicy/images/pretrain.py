@@ -42,7 +42,7 @@ from diffpolicy.ema import EMA
 from diffpolicy.losses import consistency_training_loss, diffusion_loss
 from diffpolicy.nets import Unet2D
 from diffpolicy.checkpoint import CHECKPOINT, find_checkpoint, load_checkpoint, load_state_checked, save_checkpoint
-from diffpolicy.runlog import RunLogger, open_run, process_group, rng_state, set_rng_state, set_seed
+from diffpolicy.runlog import RunLogger, open_run, process_group, release_run, rng_state, set_rng_state, set_seed
 from diffpolicy.samplers import consistency_timesteps, prior, run_sampler, sample
 
 from .data import augment, load_digits
@@ -202,6 +202,7 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     finally:
         bar.close()
         logger.close()
+        release_run(run_path)
     return {"model": den, "ema": ema.module.eval(), "history": state["history"], "steps": state["step"],
             "seconds": state["seconds"]}
 
