@@ -144,6 +144,7 @@ class RunLogger:
 
     def __init__(self, run_dir: pathlib.Path | None, resume_step: int = 0):
         self.run_dir, self.tb = run_dir, None
+        self._headers: dict[str, list[str]] = {}  # each CSV's columns, once read or written
         if run_dir is None:
             return
         for kind in ("train", "eval"):  # rows written after the checkpoint we resume from are redone
@@ -171,8 +172,8 @@ class RunLogger:
             return
         path = self.run_dir / f"{kind}.csv"
         row = {"step": step, **values}
-        header = None
-        if path.exists():
+        header = self._headers.get(kind)
+        if header is None and path.exists():
             with path.open(newline="") as f:
                 header = next(csv.reader(f), None)
         if header is not None and not set(row) <= set(header):
@@ -190,6 +191,7 @@ class RunLogger:
             if header is None:
                 w.writeheader()
             w.writerow(row)
+        self._headers[kind] = list(w.fieldnames)
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
