@@ -43,7 +43,8 @@ from diffpolicy.chain import rollout
 from diffpolicy.chain_losses import RewardWeightedLoss
 from diffpolicy.denoiser import DenoiserBase
 from diffpolicy.checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
-from diffpolicy.runlog import RunLogger, open_run, release_run, rng_state, set_rng_state, set_seed
+from diffpolicy.runlog import (RunLogger, open_run, release_run, rng_state, set_rng_state, set_seed,
+                              with_config_defaults)
 from diffpolicy.samplers import prior
 
 from .base import mlp
@@ -342,15 +343,12 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             raise CheckpointError(f"the checkpoint in {run_path} does not fit this {agent.name} agent: {e}. It was "
                                   "written with other settings (or code); use them or a new run directory") from None
 
-    def fill_old(old):  # settings added to the agent since the run started: at their defaults
-        defaults = json.loads(json.dumps(dataclasses.asdict(type(a)()), default=str))
-        return {**old, "agent_config": {**defaults, **old.get("agent_config", {})}}
-
     recorded = {"env_steps": cfg.env_steps, **({"pretrained": pretrained} if pretrained else {})}
-    saved = open_run(run_path, run_config, json.loads(json.dumps(recorded, default=str)), fill_old=fill_old,
-                     load=load)
+    saved = open_run(run_path, run_config, json.loads(json.dumps(recorded, default=str)), load=load,
+                     fill_old=lambda old: with_config_defaults(old, a))  # settings added since: at their defaults
     if saved is not None:
         state = saved["state"]
+        state.setdefault("env_steps_taken", state["env_steps"])  # a run from before it was counted: the upper bound
         set_rng_state(saved["rng"])
 
     env = make_env(env_id, num_envs=a.num_envs, obs_loc=obs_loc, obs_scale=obs_scale, action_chunk=chunk,
@@ -376,7 +374,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             res = evaluate(agent.act, env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed, obs_loc=obs_loc,
                            obs_scale=obs_scale, score_fn=score_fn, reset=agent.reset, action_chunk=chunk)
         rec = {"iteration": state["iteration"], "env_steps": state["env_steps"],
-               "env_steps_taken": state.get("env_steps_taken", state["env_steps"]), "return_mean": res.return_mean,
+               "env_steps_taken": state["env_steps_taken"], "return_mean": res.return_mean,
                "return_std": res.return_std, "score_mean": res.score_mean, "score_std": res.score_std}
         state["history"].append(rec)
         logger.write("eval", state["env_steps"], {k: v for k, v in rec.items() if k != "env_steps"})
@@ -408,7 +406,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
             state["iteration"] += 1
             state["env_steps"] += td.numel() * chunk  # the budget's count: a chunk cut short by an episode end counts whole
             taken = int(td["next", "chunk_steps"].sum()) if chunk > 1 else td.numel()
-            state["env_steps_taken"] = state.get("env_steps_taken", state["env_steps"] - td.numel() * chunk) + taken
+            state["env_steps_taken"] += taken
             state["train_seconds"] += seconds
             ep = episodes(td)
             logger.write("train", state["env_steps"], {**metrics, **ep, "iteration": state["iteration"],

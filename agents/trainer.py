@@ -28,7 +28,7 @@ from torch import Tensor
 
 from diffpolicy.checkpoint import CHECKPOINT, load_state_checked, save_checkpoint
 from diffpolicy.runlog import RunLogger as _Logger
-from diffpolicy.runlog import open_run, process_group, release_run
+from diffpolicy.runlog import open_run, process_group, release_run, with_config_defaults
 from diffpolicy.runlog import rng_state as _rng_state
 from diffpolicy.runlog import set_rng_state as _set_rng_state
 from diffpolicy.runlog import set_seed as _set_seed
@@ -114,9 +114,8 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         **({"drop_nonfinite": True} if getattr(data, "dropped_nonfinite", 0) else {}),  # how to open the data again
         **({"world_size": world} if world > 1 else {})}, default=str))
     def fill_old(old):  # settings added to the agent since the run started: at their defaults
-        defaults = json.loads(json.dumps(dataclasses.asdict(type(agent.config)()), default=str))
         acting = {k: run_config["agent_config"][k] for k in agent.acting_fields}  # acting-only: may change
-        return {**old, "agent_config": {**defaults, **old.get("agent_config", {}), **acting}}
+        return with_config_defaults(old, agent.config, acting)
 
     sizes = {"obs_dim": agent.obs_dim, "act_dim": agent.act_dim}  # for load_agent; not compared on resume
     def load(s):

@@ -13,8 +13,8 @@ import torch
 
 from .checkpoint import find_checkpoint, load_checkpoint
 
-__all__ = ["set_seed", "rng_state", "set_rng_state", "open_run", "release_run", "RunInUseError", "RunLogger",
-           "process_group"]
+__all__ = ["set_seed", "rng_state", "set_rng_state", "open_run", "release_run", "with_config_defaults",
+           "RunInUseError", "RunLogger", "process_group"]
 
 
 class RunInUseError(RuntimeError):
@@ -87,6 +87,16 @@ def set_rng_state(state: dict) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         cuda = list(state["cuda"])
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+
+
+def with_config_defaults(old: dict, config, keep: dict | None = None) -> dict:
+    """An older ``config.json`` completed for comparison: ``agent_config`` settings added since the run
+    started take ``config``'s dataclass defaults, and ``keep`` (settings that may change on a resume)
+    the current values. ``open_run``'s ``fill_old`` for the training loops."""
+    import dataclasses
+
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(config)()), default=str))
+    return {**old, "agent_config": {**defaults, **old.get("agent_config", {}), **(keep or {})}}
 
 
 def open_run(run_dir, config: dict, budget: dict, *, fill_old=None, load=None) -> dict | None:
