@@ -3,8 +3,9 @@
 Each run directory (of ``train_offline`` or ``train_online``) holds ``config.json`` and
 ``eval.csv``; runs with the same label (default: the agent's name, plus the dataset when the
 runs use several) are seeds of one method: the table gives the final normalised score as mean ±
-std over them, the best evaluation, and the number of runs; the plot shows the mean curve with a
-band of ± one std (offline runs against gradient steps, online runs against environment steps).
+population std over them (as the benchmarks' tables do), the best evaluation, and the number of
+runs; the plot shows the mean curve with a band of ± one std (offline runs against gradient
+steps, online runs against environment steps).
 """
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ def _label(run: dict, several_datasets: bool) -> str:
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and population std over seeds (NaNs left out), as the benchmarks' tables report them."""
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
         return math.nan, math.nan
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), statistics.pstdev(xs)
 
 
 def compare_runs(run_dirs, out=None, labels: list[str] | None = None) -> dict:
@@ -101,8 +103,7 @@ def _plot(groups: dict, metric: str, path: pathlib.Path) -> None:
             n = min(len(m["steps"]) for m in members)
             x = members[0]["steps"][:n]
             ys = [[m[metric][i] for m in members] for i in range(n)]
-            mean = [statistics.fmean(v) for v in ys]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
+            mean, std = zip(*(_mean_std(v) for v in ys))
             ax.plot(x, mean, marker="o", ms=3, label=label)
             ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2)
         ax.set_xlabel("environment steps" if online else "gradient steps")
