@@ -34,6 +34,29 @@ def test_kid_is_unbiased_near_zero_and_precision_recall_on_simple_sets():
     assert p > 0.9 and r < 0.5
 
 
+def test_kid_is_the_unbiased_polynomial_mmd_by_a_double_loop():
+    """One subset of the whole sets (MMD^2 does not depend on the order) against the unbiased
+    estimator of Binkowski et al. 2018 written out pair by pair, kernel ``(x.y / d + 1)^3``."""
+    gen = torch.Generator().manual_seed(2)
+    m = 9  # both sets the size of one subset
+    x, y = torch.randn(m, 5, generator=gen, dtype=torch.float64), torch.randn(m, 5, generator=gen, dtype=torch.float64) + 0.3
+    k = lambda a, b: (float(a @ b) / 5 + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
+    assert kid(x, y, subsets=3, subset_size=m, generator=gen) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+
+
+def test_precision_recall_on_a_hand_made_set():
+    """k = 1 on the line. Real {0, 1, 3}: radii 1, 1, 2. Fake {0.5, 0.7, 6}: radii 0.2, 0.2, 5.3.
+    Precision: 0.5 and 0.7 lie in real balls, 6 does not (3 + 2 < 6): 2/3. Recall: 0 lies in no
+    fake ball (0.5 > 0.2, 6 > 5.3), 1 and 3 lie in 6's ball: 2/3."""
+    real, fake = torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.5], [0.7], [6.0]])
+    p, r = precision_recall(real, fake, k=1)
+    assert p == pytest.approx(2 / 3) and r == pytest.approx(2 / 3)
+    assert precision_recall(fake, real, k=1) == pytest.approx((r, p))  # the roles swap
+
+
 def test_digits_data_splits_augment_and_folders(tmp_path):
     x, y = load_digits(8, "train")
     xh, yh = load_digits(8, "held_out")
