@@ -57,6 +57,46 @@ def test_two_process_offline_training_keeps_replicas_and_resumes_exactly(tmp_pat
     assert any(not torch.equal(a0[k], s0[k]) for k in s0 if a0[k].is_floating_point())  # it did train on
 
 
+def _grad_worker(rank, world, store, out):
+    import torch.distributed as dist
+
+    from diffpolicy.agents.diffusion_bc import DiffusionBC
+    from diffpolicy.agents.trainer import _join_ranks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)
+        agent = DiffusionBC(3, 1, hidden=8)
+        _join_ranks(agent, rank, None, None, agent.load_state_dict)
+        params = list(agent.actor.parameters())
+        agent._optimizers["actor"] = torch.optim.SGD(params, lr=0.1)  # plain SGD: the step shows the gradient's scale
+        g = torch.Generator().manual_seed(7 + rank)
+        weights = [torch.randn(p.shape, generator=g) for p in params]  # this rank's gradient
+        agent.step("actor", sum((w * p).sum() for w, p in zip(weights, params)))
+        torch.save([p.detach().clone() for p in params], f"{out}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_step_uses_the_mean_of_the_ranks_gradients(tmp_path):
+    """Rank r's loss ``sum(w_r * theta)`` has gradient ``w_r``; one SGD step must give
+    ``theta_0 - lr (w_0 + w_1) / 2`` on both ranks, from rank 0's initial weights (not the sum, nor
+    either rank's own gradient)."""
+    from diffpolicy.agents.diffusion_bc import DiffusionBC
+
+    mp.spawn(_grad_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "p")), nprocs=2, join=True)
+    torch.manual_seed(100)
+    start = [p.detach().clone() for p in DiffusionBC(3, 1, hidden=8).actor.parameters()]
+    w = [[torch.randn(p.shape, generator=g) for p in start]
+         for g in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(8))]
+    expected = [p - 0.1 * (a + b) / 2 for p, a, b in zip(start, *w)]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"p{rank}.pt")
+        for e, x in zip(expected, got):
+            torch.testing.assert_close(x, e, rtol=1e-6, atol=1e-7)
+
+
 def test_diffpolicy_train_under_torchrun(tmp_path, pendulum_data):
     import os
     import shutil
