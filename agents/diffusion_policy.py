@@ -157,7 +157,9 @@ class DiffusionPolicy(OfflineAgent):
 
     # ------------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
-        """Learning rate for update ``step`` (0-based): linear warm-up, then constant or cosine to 0."""
+        """Learning rate for update ``step`` (0-based): linear warm-up, then constant or cosine to 0
+        (diffusers' ``get_cosine_schedule_with_warmup``, which Diffusion Policy uses, with the warm-up
+        one step ahead so the first update is not taken at lr 0, and 0 after ``lr_decay_steps``)."""
         c = self.config
         if c.lr_warmup_steps > 0 and step < c.lr_warmup_steps:
             return c.lr * (step + 1) / c.lr_warmup_steps

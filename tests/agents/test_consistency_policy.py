@@ -78,11 +78,22 @@ def test_consistency_bc_loss_falls(pendulum_data):
 
 def test_consistency_distillation_loss_falls(pendulum_data):
     sample = relabelled_batches(pendulum_data)
-    agent = make_agent("consistency_bc_cd", OBS, ACT, teacher=trained_teacher(sample), **SMALL)
+    teacher = trained_teacher(sample)
+    agent = make_agent("consistency_bc_cd", OBS, ACT, teacher=teacher, **SMALL)
     assert agent.grid_size() == 5  # the student runs on the teacher's 5-step grid
     assert repr(agent.actor.schedule) == repr(agent.teacher.schedule)
     logs = train(agent, sample, 300)
     assert_falls(logs["loss_cd"], 0.2, "loss_cd")
+    # the student acts like its teacher, and so like the behaviour policy, in 1 and in 2 steps
+    obs = sample()["observation"]
+    target = behaviour(obs)
+    teacher_err = float((teacher.act(obs) - target).abs().mean())
+    blind_err = float((target - target.median()).abs().mean())  # the best action that ignores the state
+    for n in (1, 2):
+        agent.config.sample_steps = n
+        err = float((agent.act(obs) - target).abs().mean())
+        print(f"{n} step(s): student {err:.3f}, teacher {teacher_err:.3f}, state-blind {blind_err:.3f}")
+        assert err < teacher_err + 0.1 and err < 0.6 * blind_err, (n, err, teacher_err, blind_err)
 
 
 def test_consistency_ac_losses_fall(pendulum_data):
@@ -210,3 +221,30 @@ def test_act_shape_and_range(name, steps):
     a = agent.act(obs)
     assert a.shape == (7, 2) and not a.requires_grad
     assert bool(((a >= -1) & (a <= 1)).all())
+
+
+# ------------------------------------------------------------------------- (6) target network
+
+def test_ct_target_decay_is_the_adaptive_ema_of_the_curriculum_and_cd_is_constant():
+    """CT: ``mu(k) = exp(s0 log mu0 / N(k))`` (Song et al. 2023 App. C) with iCT's ``N(k) = min(s0 2^floor(k/K'),
+    s1) + 1``, ``K' = floor(K / (log2(s1/s0) + 1))``; ``update_target`` moves the target by ``1 - mu``."""
+    import math
+
+    agent = ConsistencyBC(OBS, ACT, hidden=16, ct_total_steps=800, ct_s0=10, ct_s1=80, target_mu0=0.9)
+    k_prime = math.floor(800 / (math.log2(80 / 10) + 1))  # 200: N = 11, 21, 41, 81
+    for k, n in ((0, 11), (199, 11), (200, 21), (450, 41), (799, 81), (5000, 81)):
+        agent.num_updates = k
+        assert k_prime == 200 and agent.num_scales() == n
+        assert agent.target_decay() == pytest.approx(math.exp(10 * math.log(0.9) / n), rel=1e-12)
+    with torch.no_grad():
+        for p in agent.target.parameters():
+            p.fill_(1.0)
+        for p in agent.actor.parameters():
+            p.fill_(3.0)
+    mu = agent.target_decay()
+    agent.update_target()
+    for p in agent.target.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, mu * 1.0 + (1 - mu) * 3.0))
+    cd = ConsistencyDistilledBC(OBS, ACT, hidden=16, teacher=DiffusionBC(OBS, ACT, hidden=16), target_mu0=0.97)
+    cd.num_updates = 12345
+    assert cd.target_decay() == 0.97

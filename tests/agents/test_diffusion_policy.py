@@ -234,3 +234,19 @@ def test_evaluate_on_pendulum_end_to_end(pendulum_data):
     assert res.returns.shape == (2,) and list(res.lengths) == [200, 200]
     assert all(math.isfinite(r) for r in res.returns)
     assert len(calls) == 200 // 4 and all(c == (2, 2, pendulum_data.obs_dim) for c in calls)
+
+
+def test_lr_schedule_is_diffusers_cosine_with_warmup():
+    """``lr_at`` against diffusers' ``get_cosine_schedule_with_warmup`` (Diffusion Policy's scheduler):
+    equal after the warm-up up to the last step (then ours stays at 0 where diffusers' cosine rises again);
+    during the warm-up ours is one step ahead, so the first update is not taken at lr 0."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    agent = tiny_agent(lr=3e-4, lr_warmup_steps=20, lr_decay_steps=200)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    ref = get_cosine_schedule_with_warmup(opt, num_warmup_steps=20, num_training_steps=200).lr_lambdas[0]
+    for k in range(0, 201, 5):
+        expected = 3e-4 * (ref(k + 1) if k < 20 else ref(k))
+        assert agent.lr_at(k) == pytest.approx(expected, rel=1e-12, abs=1e-15), k
+    assert agent.lr_at(110) == pytest.approx(1.5e-4) and agent.lr_at(200) == agent.lr_at(10**6) == 0.0  # stays at 0
+    assert tiny_agent(lr=3e-4, lr_warmup_steps=20).lr_at(10**6) == 3e-4  # no decay: constant after warm-up
