@@ -12,6 +12,23 @@ from .datasets import (
 )
 from .factory import ENV_IDS, EvalResult, evaluate, make_env
 
+
+def _mujoco_warnings_to_python() -> None:
+    """MuJoCo prints each warning and appends it to ``MUJOCO_LOG.TXT`` in the working directory
+    (HalfCheetah-v5's deprecated ``settotalmass``: once per env made). Route them to Python's
+    ``warnings`` instead (shown once, filterable), unless a handler is already set."""
+    try:
+        import mujoco
+    except ImportError:
+        return
+    if mujoco.get_mju_user_warning() is None:
+        import warnings
+
+        mujoco.set_mju_user_warning(lambda msg: warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=2))
+
+
+_mujoco_warnings_to_python()
+
 __all__ = [
     "QUALITIES", "DatasetCorruptError", "DatasetNotFoundError", "NonFiniteDataError", "OfflineData", "dataset_id", "load_dataset",
     "local_datasets", "make_dataset", "normalized_score", "ENV_IDS", "EvalResult", "evaluate", "make_env",

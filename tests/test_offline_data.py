@@ -263,3 +263,22 @@ def test_action_chunks_run_whole_sum_rewards_and_stop_at_the_episode_end():
     a = evaluate(lambda o: torch.zeros(o.shape[0], 12), "Hopper-v5", episodes=2, seed=5, action_chunk=4)
     b = evaluate(lambda o: torch.zeros(o.shape[0], 3), "Hopper-v5", episodes=2, seed=5)
     np.testing.assert_allclose(a.returns, b.returns, rtol=1e-6)
+
+
+def test_mujoco_warnings_become_python_warnings_not_a_log_file(tmp_path, monkeypatch):
+    """A model with ``settotalmass`` (as HalfCheetah-v5's) makes MuJoCo warn; the warning must
+    reach Python's warnings, not a MUJOCO_LOG.TXT in the user's working directory."""
+    import warnings
+
+    import mujoco
+
+    import diffpolicy.envs  # noqa: F401  (installs the handler)
+
+    monkeypatch.chdir(tmp_path)
+    xml = ('<mujoco><compiler settotalmass="2"/><worldbody><body><freejoint/><geom size="0.1"/></body>'
+           '</worldbody></mujoco>')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mujoco.MjModel.from_xml_string(xml)
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+    assert any("MuJoCo: " in str(w.message) and "settotalmass" in str(w.message) for w in caught)
