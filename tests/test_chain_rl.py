@@ -1,4 +1,6 @@
 """Advantages and chain losses (the RL half of the chain core)."""
+import math
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -6,7 +8,7 @@ from tensordict.nn import TensorDictModule
 
 from diffpolicy import schedules as S
 from diffpolicy.advantage import PerContextStandardizer, chain_advantage, env_gae, reward_weights, spread_over_chain
-from diffpolicy.chain import rollout, set_reward
+from diffpolicy.chain import rescore, rollout, set_reward
 from diffpolicy.chain_losses import (
     ChainPPOLoss, ChainScoreFunctionLoss, DiffusionQLActorLoss, QScoreMatchingLoss, RewardWeightedLoss,
 )
@@ -97,6 +99,67 @@ def test_ppo_diagnostics_and_renamed_keys():
     renamed = flat.rename_key_("advantage", "adv").rename_key_("log_prob", ("old", "lp"))
     loss.set_keys(advantage="adv", log_prob=("old", "lp"))
     assert torch.isfinite(loss(renamed)["loss_objective"])
+
+
+def _ppo_batch_at_ratios(den, ratios, adv):
+    """Six chain transitions whose stored log-probs give the current policy the ratios ``ratios``."""
+    flat = _batch(den, n=3, k=2).reshape(-1)
+    with torch.no_grad():
+        lp = rescore(den, flat, min_logprob_std=0.05)
+    flat["log_prob"] = lp - ratios.log()  # r = exp(lp_new - lp_old)
+    flat["advantage"] = adv
+    return flat
+
+
+def _ppo_grad(den, loss_value):
+    den.zero_grad()
+    loss_value.backward()
+    return torch.cat([p.grad.flatten() for p in den.parameters()])
+
+
+def test_ppo_clip_away_from_ratio_one_matches_hand_computation():
+    """Ratios 0.5, 1.05, 2 with advantages of both signs, eps = 0.2 (Schulman et al. 2017 eq. 7).
+
+    Per row min(r A, clip(r, 0.8, 1.2) A):
+      r=0.5,  A=+1.5: min(0.75, 1.2)   = 0.75   unclipped (gradient flows)
+      r=1.05, A=+0.7: inside the clip  = 0.735  unclipped
+      r=2,    A=+2  : min(4, 2.4)      = 2.4    clipped (no gradient)
+      r=0.5,  A=-1  : min(-0.5, -0.8)  = -0.8   clipped
+      r=1.05, A=-0.3: inside the clip  = -0.315 unclipped
+      r=2,    A=-0.8: min(-1.6, -0.96) = -1.6   unclipped
+    """
+    den = _den()
+    r = torch.tensor([0.5, 1.05, 2.0, 0.5, 1.05, 2.0])
+    adv = torch.tensor([1.5, 0.7, 2.0, -1.0, -0.3, -0.8])
+    flat = _ppo_batch_at_ratios(den, r, adv)
+    loss = ChainPPOLoss(den, clip_epsilon=0.2, min_logprob_std=0.05)
+    out = loss(flat)
+    hand = -(0.75 + 0.735 + 2.4 - 0.8 - 0.315 - 1.6) / 6
+    assert float(out["loss_objective"].detach()) == pytest.approx(hand, abs=1e-5)
+    assert float(out["clip_fraction"]) == pytest.approx(4 / 6)  # |r - 1| > 0.2: the r = 0.5 and r = 2 rows
+    k3 = lambda x: (x - 1) - math.log(x)  # Schulman's k3 estimator of KL(old || new)
+    assert float(out["approx_kl"]) == pytest.approx(2 * (k3(0.5) + k3(1.05) + k3(2.0)) / 6, rel=1e-4)
+    assert float(out["ratio"]) == pytest.approx(float(r.mean()), rel=1e-5)
+    # Gradient: -(1/N) sum over the unclipped rows of A r grad log p (clipped rows contribute nothing).
+    g = _ppo_grad(den, out["loss_objective"])
+    weights = -adv * r * torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0]) / 6
+    expected = _ppo_grad(den, (weights * rescore(den, flat, min_logprob_std=0.05)).sum())
+    torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+
+    # Per-transition eps (DPPO stores a "clip_epsilon" entry): clip(r, 1 - eps_i, 1 + eps_i) per row.
+    #   eps 0.6 : r=0.5,  A=+1.5 -> 0.75 (inside);     r=0.5, A=-1 -> -0.5 (inside)
+    #   eps 0.01: r=1.05, A=+0.7 -> 1.01 * 0.7 = 0.707 (clipped); r=1.05, A=-0.3 -> -0.315
+    #   eps 1.5 : r=2,    A=+2   -> 4 (inside);        eps 0.3: r=2, A=-0.8 -> min(-1.6, -1.04) = -1.6
+    flat["clip_epsilon"] = torch.tensor([0.6, 0.01, 1.5, 0.6, 0.01, 0.3])
+    out_rows = loss(flat)
+    hand_rows = -(0.75 + 0.707 + 4.0 - 0.5 - 0.315 - 1.6) / 6
+    assert float(out_rows["loss_objective"].detach()) == pytest.approx(hand_rows, abs=1e-5)
+    assert abs(float(out_rows["loss_objective"].detach()) - hand) > 0.1  # the per-row eps was not ignored
+    assert float(out_rows["clip_fraction"]) == pytest.approx(3 / 6)  # rows 1.05/0.01, 1.05/0.01, 2/0.3
+    g = _ppo_grad(den, out_rows["loss_objective"])
+    weights = -adv * r * torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]) / 6
+    expected = _ppo_grad(den, (weights * rescore(den, flat, min_logprob_std=0.05)).sum())
+    torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["sf", "ppo"])
@@ -196,4 +259,7 @@ def test_diffusion_ql_actor_loss_backpropagates_through_the_chain_and_raises_q()
     for _ in range(60):
         opt.zero_grad(), loss(td)["loss_actor"].backward(), opt.step()
     torch.manual_seed(0)
-    assert sample_q() > q0 + 0.2 * abs(q0), (q0, sample_q())
+    q1 = sample_q()
+    # Pure BC (eta = 0) fits the uniform data, E[Q] = -2 (1/3 + 1/4) = -1.17 (measured about -2.02 -> -1.03);
+    # the Q term pulls the samples onto a = 0.5 (about -0.035).
+    assert q1 > -0.3 and q1 > q0 + 0.2 * abs(q0), (q0, q1)
