@@ -28,7 +28,7 @@ from torch import Tensor
 
 from diffpolicy.checkpoint import CHECKPOINT, load_state_checked, save_checkpoint
 from diffpolicy.runlog import RunLogger as _Logger
-from diffpolicy.runlog import open_run, process_group, release_run, with_config_defaults
+from diffpolicy.runlog import check_compile_backend, check_device, open_run, process_group, release_run, with_config_defaults
 from diffpolicy.runlog import rng_state as _rng_state
 from diffpolicy.runlog import set_rng_state as _set_rng_state
 from diffpolicy.runlog import set_seed as _set_seed
@@ -90,6 +90,8 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     from tqdm.auto import tqdm
 
     cfg = config or TrainConfig()
+    device = check_device(cfg.device)
+    check_compile_backend(cfg.compile)
     rank, world = process_group()
     env_id = env_id or data.env_id
     if evaluate:
@@ -101,7 +103,6 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
     run_path = pathlib.Path(run_dir) if run_dir is not None else None
     ckpt_path = run_path / CHECKPOINT if run_path is not None and rank == 0 else None
     _set_seed(cfg.seed)
-    device = torch.device(cfg.device)
     agent.to(device)
     reward_scale = data.return_range_scale() if agent.reward_normalization == "return_range" else 1.0
     rb = data.replay_buffer(cfg.batch_size, sequences=agent.sequence_spec, reward_scale=reward_scale,

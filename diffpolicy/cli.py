@@ -427,11 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     from diffpolicy.checkpoint import CheckpointError
     from diffpolicy.config import ConfigError
     from diffpolicy.envs.datasets import DatasetCorruptError, DatasetNotFoundError, NonFiniteDataError
+    from diffpolicy.runlog import RunInUseError
 
-    try:  # what the user gave (ids, keys, files) is reported in one line, exit status 2
+    try:  # what the user gave (ids, keys, files, a busy run directory) is reported in one line, exit status 2
         return _run(args)
     except (ConfigError, CheckpointError, DatasetNotFoundError, DatasetCorruptError, NonFiniteDataError,
-            FileNotFoundError, ValueError, GymError) as e:
+            FileNotFoundError, ValueError, GymError, RunInUseError) as e:
         return _error(e)
 
 

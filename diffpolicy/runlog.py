@@ -14,7 +14,7 @@ import torch
 from .checkpoint import find_checkpoint, load_checkpoint
 
 __all__ = ["set_seed", "rng_state", "set_rng_state", "open_run", "release_run", "with_config_defaults",
-           "RunInUseError", "RunLogger", "process_group"]
+           "RunInUseError", "RunLogger", "process_group", "check_device", "check_compile_backend"]
 
 
 class RunInUseError(RuntimeError):
@@ -60,6 +60,38 @@ def process_group() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def check_device(spec: str) -> torch.device:
+    """``torch.device(spec)`` when this torch can use it, else a ValueError that says what can be
+    used (checked before a run writes anything)."""
+    from .config import ConfigError
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={spec!r} is not a device ('cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={spec!r}, but this torch ({torch.__version__}) sees no CUDA GPU; use device=cpu, "
+                              "or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={spec!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={spec!r}, but MPS is not available here; use device=cpu")
+    return device
+
+
+def check_compile_backend(backend: str) -> None:
+    """A ValueError naming the valid ones when ``backend`` (``""``: off) is not a torch.compile backend."""
+    if backend:
+        from torch._dynamo import list_backends
+
+        if backend not in list_backends(exclude_tags=()):
+            from .config import ConfigError
+
+            raise ConfigError(f"compile={backend!r} is not a torch.compile backend; valid: "
+                              f"{', '.join(list_backends())} (or compile= for none)")
 
 
 def set_seed(seed: int) -> None:

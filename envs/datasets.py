@@ -92,7 +92,8 @@ def _how_to_make() -> str:
 
 
 def load_dataset(dataset_id: str, *, download: bool = True):
-    """Open a Minari dataset by id: local first, then (``download``) from Minari's remote.
+    """Open a Minari dataset by id: local first, then (``download``) from Minari's remote, except
+    for our own ``diffpolicy/...`` ids, which only exist where they were made.
 
     Raises :class:`DatasetNotFoundError` listing the local datasets and how to make one when
     the id is not local and cannot be downloaded (unknown remotely, or no network).
@@ -108,7 +109,9 @@ def load_dataset(dataset_id: str, *, download: bool = True):
     if (_minari_root() / dataset_id).is_dir():  # present, but Minari cannot list it
         raise _corrupt(dataset_id, ValueError("its data/metadata.json is missing or not valid JSON"))
     reason = "download=False"
-    if download:
+    if download and dataset_id.startswith(f"{NAMESPACE}/"):  # ours are made locally, never served remotely
+        reason = f"{NAMESPACE}/ datasets are made locally, not downloaded"
+    elif download:
         try:
             return minari.load_dataset(dataset_id, download=True)
         except Exception as e:  # network errors come in many types (requests, google-cloud, OSError)

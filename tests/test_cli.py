@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from diffpolicy.cli import main
 from diffpolicy.demo import PLAN
@@ -239,6 +240,33 @@ def test_cli_errors_are_one_line_and_status_2(pendulum_data, tmp_path, capsys, a
     tail = err[err.index("error: "):]
     assert message in tail and tail.count("\n") == 1
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("argv, message", [
+    (["train", "diffusion_bc", "RUN", "--dataset", "DID", "device=cuda"], "sees no CUDA GPU"),
+    (["train", "diffusion_bc", "RUN", "--dataset", "DID", "compile=bogus"], "inductor"),
+    (["image", "pretrain", "RUN", "device=cuda:1"], "use device=cpu"),
+    (["train", "diffusion_bc", "BUSY", "--dataset", "DID"], "in use by another process"),
+])
+def test_settings_and_busy_runs_are_refused_before_anything_is_written(pendulum_data, tmp_path, capsys, argv,
+                                                                        message):
+    import fcntl
+    import os
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    fd = os.open(busy, os.O_RDONLY)  # another trainer holds this run directory
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        argv = [a.replace("RUN", str(tmp_path / "run")).replace("BUSY", str(busy))
+                .replace("DID", pendulum_data.dataset_id) for a in argv]
+        assert main(argv) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists() and list(busy.iterdir()) == []
 
 
 def test_finetune_needs_the_matching_pretrained_agent(pendulum_data, tmp_path, capsys):

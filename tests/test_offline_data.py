@@ -90,11 +90,19 @@ def test_replay_buffer_split_into_episodes():
     np.testing.assert_array_equal(eps[1]["observations"][:, 0], [3, 4, 5])
 
 
-def test_unknown_dataset_lists_local_ones_and_how_to_make_one(pendulum_data):
+def test_unknown_dataset_lists_local_ones_and_how_to_make_one(pendulum_data, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as e:
         load_dataset("diffpolicy/nothing/medium-v0", download=False)
     msg = str(e.value)
     assert pendulum_data.dataset_id in msg and "make_dataset" in msg
+    import minari
+
+    def no_network(*a, **k):
+        raise AssertionError("our own ids are never looked up remotely")
+
+    monkeypatch.setattr(minari, "load_dataset", no_network)  # a typo in our namespace answers at once
+    with pytest.raises(DatasetNotFoundError, match="made locally"):
+        load_dataset("diffpolicy/hoper/medium-v0")
     with pytest.raises(ValueError, match="quality"):
         dataset_id("Hopper-v5", "excellent")
 

@@ -42,7 +42,9 @@ from diffpolicy.ema import EMA
 from diffpolicy.losses import consistency_training_loss, diffusion_loss
 from diffpolicy.nets import Unet2D
 from diffpolicy.checkpoint import CHECKPOINT, find_checkpoint, load_checkpoint, load_state_checked, save_checkpoint
-from diffpolicy.runlog import RunLogger, open_run, process_group, release_run, rng_state, set_rng_state, set_seed
+from diffpolicy.runlog import (
+    RunLogger, check_device, open_run, process_group, release_run, rng_state, set_rng_state, set_seed,
+)
 from diffpolicy.samplers import consistency_timesteps, prior, run_sampler, sample
 
 from .data import augment, load_digits
@@ -105,10 +107,10 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     with the same settings and a larger ``steps`` continues the run.
     """
     cfg = cfg or ImagePretrainConfig()
+    device = check_device(cfg.device)
     rank, world = process_group()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    device = torch.device(cfg.device)
     set_seed(cfg.seed)  # the same seed gives the same initial weights
     den = make_image_denoiser(cfg).to(device)
     x, y = data if data is not None else load_digits(cfg.size, "train")
