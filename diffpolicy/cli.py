@@ -296,12 +296,18 @@ def _dataset_command(args) -> int:
     from diffpolicy.envs import datasets as D
 
     if args.dataset_command == "make":
+        existed = not args.overwrite and D.dataset_id(args.env_id, args.quality) in D.local_datasets()
         ds = D.make_dataset(args.env_id, args.quality, n_transitions=args.transitions,
                             behaviour_algo=args.algo, behaviour_steps=args.behaviour_steps,
                             behaviour_eval_every=args.behaviour_eval_every,
                             ref_episodes=args.ref_episodes, seed=args.seed,
                             overwrite=args.overwrite)
-        print(f"made {ds.spec.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
+        if existed:  # make_dataset reuses it as it is: the settings given here were not applied
+            source = ds.storage.metadata.get("algorithm_name", "?")
+            print(f"reusing the existing {ds.spec.dataset_id} ({ds.total_episodes} episodes, {ds.total_steps} steps; "
+                  f"{source}); the options given were not applied: add --overwrite to make it again")
+        else:
+            print(f"made {ds.spec.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
     elif args.dataset_command == "list":
         for did in D.local_datasets():
             print(did)

@@ -68,6 +68,11 @@ def test_dataset_make_with_a_td3_behaviour_policy(offline_home, tmp_path, monkey
     md = ds.storage.metadata
     assert ds.total_steps == 300 and "SB3 TD3 policy at step" in md["algorithm_name"]
     assert md["ref_max_score"] is not None and md["ref_min_score"] is not None
+    # made again with other options: reused as it is, and the output says so
+    assert main(["dataset", "make", "Pendulum-v1", "medium", "--transitions", "500"]) == 0
+    out = capsys.readouterr().out
+    assert f"reusing the existing {did} (" in out and "300 steps" in out and "--overwrite" in out
+    assert minari.load_dataset(did).total_steps == 300
 
 
 def test_dataset_make_rejects_unknown_quality(capsys):
