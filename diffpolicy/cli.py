@@ -361,7 +361,8 @@ def _image_command(args) -> int:
     cfg, model, info = load_image_model(run)
     steps = args.steps or info.get("steps", 20)
     sampler = args.sampler or info.get("sampler", "ddim")
-    labels = torch.arange(args.n) % 10 if cfg.class_conditional else None
+    classes = info.get("num_classes", 10)  # a tuned model is sampled in the contexts it was tuned on
+    labels = torch.arange(args.n) % classes if cfg.class_conditional and classes else None
     try:
         x = sample_images(model, args.n, cfg.size, steps, sampler, labels=labels, guidance=args.guidance,
                           generator=torch.Generator().manual_seed(args.seed))
@@ -377,7 +378,8 @@ def _image_command(args) -> int:
     Image.fromarray(((tile + 1) * 127.5).round().byte().numpy()).resize((tile.shape[1] * 4, tile.shape[0] * 4),
                                                                          Image.NEAREST).save(png)
     what = info.get("method", cfg.family) + (f" at step {info['step']}" if "step" in info else "")
-    print(f"{args.n} samples of {what} ({sampler}, {steps} steps) -> {png}")
+    kind = f"classes 0-{classes - 1}" if labels is not None else "unconditional"
+    print(f"{args.n} samples of {what} ({sampler}, {steps} steps, {kind}) -> {png}")
     return 0
 
 
@@ -412,6 +414,7 @@ def _image_finetune(args, run) -> int:
               "source_run": str(Path(args.source).resolve()), "source_step": step,
               "teacher_config": json.loads(json.dumps(dataclasses.asdict(t_cfg), default=list)),
               "sampler": "ddim" if tuner.config.eta == 0 else "ddpm", "steps": tuner.config.sampling_steps,
+              "num_classes": tuner.config.num_classes,  # the contexts it was tuned on (0: unconditional only)
               "reward_before": before, "reward_after": after}
     (run / "model.json").write_text(json.dumps(record, indent=1))
     print(f"{args.method} on {conf['run'].reward}: reward {before:.4f} -> {after:.4f} "

@@ -110,7 +110,7 @@ def test_image_pretrain_then_sample_and_clear_errors(tmp_path, capsys):
     rec = json.loads((student / "model.json").read_text())
     assert (rec["kind"], rec["steps"], rec["final"], rec["sampler"]) == ("student", 1, "round_1", "ddim")
     assert main(["image", "sample", str(student), "--n", "10", "--out", str(tmp_path / "s.png")]) == 0
-    assert "10 samples of pd (ddim, 1 steps)" in capsys.readouterr().out
+    assert "10 samples of pd (ddim, 1 steps, classes 0-9)" in capsys.readouterr().out
     assert torch.load(tmp_path / "s.pt").shape == (10, 1, 8, 8)
     tuned = tmp_path / "ddpo"
     assert main(["image", "finetune", "ddpo", str(tuned), "--from", str(run), "reward=brightness", "iterations=2",
@@ -118,12 +118,15 @@ def test_image_pretrain_then_sample_and_clear_errors(tmp_path, capsys):
     assert "ddpo on brightness: reward" in capsys.readouterr().out
     assert json.loads((tuned / "model.json").read_text())["kind"] == "tuned"
     assert main(["image", "sample", str(tuned), "--n", "10", "--out", str(tmp_path / "t.png")]) == 0
-    assert "10 samples of ddpo (ddpm, 4 steps)" in capsys.readouterr().out
+    assert "10 samples of ddpo (ddpm, 4 steps, classes 0-9)" in capsys.readouterr().out
     steer = tmp_path / "steer"  # unconditional samples toward one digit
     assert main(["image", "finetune", "draft", str(steer), "--from", str(run), "reward=class", "target_class=3",
                  "num_classes=0", "iterations=1", "batch_size=4", "sampling_steps=3", "--no-progress"]) == 0
     assert "draft on class: reward" in capsys.readouterr().out
-    assert json.loads((steer / "model.json").read_text())["reward_before"] < -0.5  # a 3 is one digit in ten
+    rec = json.loads((steer / "model.json").read_text())
+    assert rec["reward_before"] < -0.5 and rec["num_classes"] == 0  # a 3 is one digit in ten
+    assert main(["image", "sample", str(steer), "--n", "4", "--out", str(tmp_path / "u.png")]) == 0
+    assert "unconditional) ->" in capsys.readouterr().out  # sampled as it was tuned
     assert main(["image", "finetune", "ddpoo", str(tuned), "--from", str(run)]) == 2
     assert "did you mean 'ddpo'" in capsys.readouterr().err
     assert main(["image", "distill", str(student), "--teacher", str(run), "method=magic"]) == 2
