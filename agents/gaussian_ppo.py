@@ -81,8 +81,12 @@ class GaussianPPO(OnlineCheckpoint, nn.Module):
             if asked not in (None, getattr(GaussianPPOConfig, k), getattr(bc.config, k)):
                 raise ValueError(f"gaussian_ppo fine-tunes the Gaussian BC's own network ({k}={getattr(bc.config, k)}), "
                                  f"but {k}={asked} was asked: set it on the BC (from scratch: policy.{k}={asked})")
+        from . import describe_agent
+
         overrides = {**overrides, "hidden": bc.config.hidden, "depth": bc.config.depth}
-        return cls(bc.obs_dim, bc.act_dim, config, actor_state=bc.actor.state_dict(), **overrides)
+        agent = cls(bc.obs_dim, bc.act_dim, config, actor_state=bc.actor.state_dict(), **overrides)
+        agent.base_policy = describe_agent(bc)  # train_online records it, so load_agent can rebuild the run
+        return agent
 
     def policy_module(self):
         return self.actor  # the collector samples (ExplorationType.RANDOM) and stores the log-prob

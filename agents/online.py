@@ -185,9 +185,13 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
     def from_diffusion_bc(cls, bc, config=None, **overrides):
         """Start from a trained :class:`~diffpolicy.agents.diffusion_bc.DiffusionBC` (its EMA weights);
         a chunking BC (``horizon = H``) gives an agent whose action is the flattened chunk of ``H``."""
+        from . import describe_agent
+
         H = bc.config.horizon
-        return cls(bc.ema.module, bc.obs_dim, bc.act_dim * H, bc.config.diffusion_steps, config, action_chunk=H,
-                   **overrides)
+        agent = cls(bc.ema.module, bc.obs_dim, bc.act_dim * H, bc.config.diffusion_steps, config, action_chunk=H,
+                    **overrides)
+        agent.base_policy = describe_agent(bc)  # train_online records it, so load_agent can rebuild the run
+        return agent
 
     # ------------------------------------------------------------------ acting
     def _chain(self, obs: Tensor, *, deterministic: bool, generator=None) -> TensorDict:
@@ -304,8 +308,9 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
     dataset (from scratch): raw observations, returns only.
 
     ``pretrained``: where the agent started from (``{"run": dir, **describe_agent(bc)}``, as
-    ``diffpolicy finetune`` passes), recorded in ``config.json`` (not compared on resume, so a
-    moved run still resumes) for :func:`~diffpolicy.agents.load_agent`. An agent that
+    ``diffpolicy finetune`` passes; default: the BC's architecture, which ``from_diffusion_bc`` /
+    ``from_gaussian_bc`` keep as ``agent.base_policy``), recorded in ``config.json`` (not compared
+    on resume, so a moved run still resumes) for :func:`~diffpolicy.agents.load_agent`. An agent that
     :func:`~diffpolicy.agents.make_online_agent` built from scratch records its untrained policy
     itself (``"run": None``), and that record is part of the run's configuration.
     """
@@ -316,9 +321,9 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
 
     cfg = cfg or OnlineConfig()
     a = agent.config
-    if pretrained is None:  # make_online_agent's untrained policy (from scratch) describes itself
-        pretrained = getattr(agent, "scratch_policy", None)
-    scratch = pretrained is not None and pretrained.get("run") is None
+    if pretrained is None:  # the agent describes where it started: an untrained policy (from scratch, "run": None)
+        pretrained = getattr(agent, "scratch_policy", None) or getattr(agent, "base_policy", None)  # or a trained BC
+    scratch = pretrained is not None and "run" in pretrained and pretrained["run"] is None
     chunk = getattr(agent, "action_chunk", 1)
     check_policy_shapes(agent, env_id, chunk)  # before the run directory is touched
     obs_loc, obs_scale = (None, None) if data is None else (data.obs_mean, data.obs_std)

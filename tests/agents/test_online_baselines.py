@@ -120,3 +120,28 @@ def test_a_from_scratch_run_records_its_policy_and_reopens(tmp_path):
     a = agent.act(obs)
     torch.manual_seed(1)
     torch.testing.assert_close(again.act(obs), a)
+
+
+@pytest.mark.parametrize("name", ["dppo", "gaussian_ppo"])
+def test_a_run_started_in_python_records_its_policy_and_reopens(tmp_path, name):
+    """``train_online`` without ``pretrained=``: the agent's own record of the BC it came from
+    (from_diffusion_bc / from_gaussian_bc) lets load_agent (and ``diffpolicy eval``) rebuild the run."""
+    from diffpolicy.agents import load_agent, make_online_agent
+
+    torch.manual_seed(0)
+    from diffpolicy.agents.gaussian_bc import GaussianBC
+
+    bc = DiffusionBC(1, 1, hidden=16, depth=1, diffusion_steps=4) if name == "dppo" else GaussianBC(1, 1, hidden=16)
+    agent = make_online_agent(name, bc, num_envs=2, steps_per_iter=8, minibatches=2)
+    train_online(agent, TARGET_ID, None, OnlineConfig(env_steps=16, eval_every=1, eval_episodes=2),
+                 run_dir=tmp_path, progress=False)
+    import json
+
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["pretrained"]["agent"] == bc.name and "scratch_policy" not in meta  # not a from-scratch run
+    again = load_agent(tmp_path)
+    obs = torch.linspace(-0.8, 0.8, 5)[:, None]
+    torch.manual_seed(1)
+    a = agent.act(obs)
+    torch.manual_seed(1)
+    torch.testing.assert_close(again.act(obs), a)
