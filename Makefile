@@ -2,12 +2,15 @@
 # needs, then run the main job / the test suite.
 #
 # torch: a torch already importable by $(PYTHON) (e.g. a user's CUDA build) is kept: the venv
-# then sees it through --system-site-packages. Otherwise the CPU wheel torch==$(TORCH_VERSION)
-# is installed. Either way the installed torch is written to a constraints file, so resolving
-# the other dependencies can never replace it with a different (multi-GB CUDA) build.
+# then sees it through --system-site-packages. Otherwise torch==$(TORCH_VERSION) is installed:
+# the CPU wheel where pip finds one locally (our CI machines), or from TORCH_INDEX_URL. Either
+# way the installed torch is written to a constraints file, so resolving the other dependencies
+# can never replace it with a different (multi-GB CUDA) build.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
+# e.g. https://download.pytorch.org/whl/cpu for the CPU build where pip would pick a CUDA one
+TORCH_INDEX_URL ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffpolicy-installed
 PYTEST_ARGS ?=
@@ -25,7 +28,7 @@ $(PY):
 	fi
 
 $(STAMP): pyproject.toml $(PY)
-	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "torch==$(TORCH_VERSION)"
 	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
 	$(PY) -m pip install -c $(VENV)/constraints.txt -e ".[test]"
 	@touch $(STAMP)

@@ -2,7 +2,7 @@
 
 ``demo`` (the end-to-end story: dataset, offline training, online fine-tuning, comparison),
 ``toy-demo`` (samplers on a 2-D toy), ``dataset make|list|info``, ``train``, ``finetune``,
-``eval``, ``compare`` and ``image pretrain|sample``.
+``eval``, ``compare`` and ``image pretrain|sample|distill|finetune``.
 
 Config-driven commands take ``--config FILE.yaml`` and ``key=value`` overrides of their config
 dataclasses (:mod:`diffpolicy.config`); an unknown key is an error naming the closest one.
@@ -69,11 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("dataset_id")
 
     from diffpolicy.agents import AGENTS, ONLINE_AGENTS
+    from diffpolicy.agents.online import OnlineConfig
+    from diffpolicy.agents.trainer import TrainConfig
+
+    fields = (lambda cls: ", ".join(f.name for f in dataclasses.fields(cls)))
 
     train = sub.add_parser("train", help="train an offline agent on a Minari dataset (resumes RUN_DIR)",
                            description="Train an offline agent. Settings: the agent's config fields and "
-                                       "TrainConfig's (steps, batch_size, eval_every, eval_episodes, eval_seed, seed, "
-                                       "log_every), as key=value or in --config; prefix agent. / train. when needed.")
+                                       f"TrainConfig's ({fields(TrainConfig)}), as key=value or in --config; prefix "
+                                       "agent. / train. when needed.")
     train.add_argument("agent", choices=list(AGENTS), metavar="AGENT", help=f"one of: {', '.join(AGENTS)}")
     train.add_argument("run_dir", help="run directory: config.json, train.csv, eval.csv, tb/, checkpoint "
                                        "(an existing run continues; a larger steps= extends it)")
@@ -88,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Fine-tune online from a trained run: dppo/drwr/dawr/qsm from a diffusion_bc "
                                     "run, gaussian_ppo from a gaussian_bc run; or, without --from, train from "
                                     "scratch on --env (an untrained policy, its settings under policy.). "
-                                    "Settings: the agent's config fields and OnlineConfig's (env_steps, "
-                                    "eval_every, eval_episodes, eval_seed, checkpoint_every, seed).")
+                                    f"Settings: the agent's config fields and OnlineConfig's ({fields(OnlineConfig)}).")
     ft.add_argument("agent", choices=list(ONLINE_AGENTS), metavar="AGENT", help=f"one of: {', '.join(ONLINE_AGENTS)}")
     ft.add_argument("run_dir", help="run directory of the fine-tuning (an existing run continues)")
     ft.add_argument("--from", dest="source", default=None,
