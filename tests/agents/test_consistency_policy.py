@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
-from torch import nn
 
 from diffpolicy.agents import make_agent
 from diffpolicy.agents.consistency_policy import ConsistencyAC, ConsistencyBC, ConsistencyDistilledBC
 from diffpolicy.agents.diffusion_bc import DiffusionBC
 from diffpolicy.agents.trainer import TrainConfig, train_offline
+from known_q import KnownQ, two_mode_batch
 
 SMALL = dict(hidden=64)
 OBS, ACT = 3, 1  # Pendulum-v1
@@ -127,32 +127,10 @@ def test_consistency_bc_two_step_sampling_keeps_both_modes():
 
 # ------------------------------------------------------------------------- (3) Q term
 
-class KnownQ(nn.Module):
-    """A fixed twin critic ``Q(s, a) = -(a - 0.8)^2`` with TwinQ's interface (one dummy weight, so
-    the agent's critic step still runs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, obs, action):
-        q = -((action - 0.8) ** 2).sum(-1) + 0.0 * self.dummy
-        return q, q
-
-    def q_min(self, obs, action):
-        return torch.minimum(*self(obs, action))
-
-
 def test_consistency_ac_q_term_moves_actions_to_higher_q():
     """Data at -0.5 and +0.5; Q peaks at 0.8. With eta > 0 the actor's samples move up the critic."""
     steps, B = 150, 128
-
-    def sample():
-        sign = torch.where(torch.rand(B, 1) < 0.5, 1.0, -1.0)
-        obs = torch.rand(B, 1) * 2 - 1
-        return TensorDict({"observation": obs, "action": 0.5 * sign + 0.05 * torch.randn(B, 1),
-                           "next": {"observation": obs, "reward": torch.zeros(B, 1),
-                                    "terminated": torch.ones(B, 1, dtype=torch.bool)}}, [B])
+    sample = (lambda: two_mode_batch(B))
 
     results = {}
     for eta in (0.0, 1.0):

@@ -15,14 +15,6 @@ from diffpolicy.agents.critics import TwinQ, clipped_double_q_loss, soft_update
 GAMMA = 0.9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _perturbed_target(critic, seed=4):
     """A target that differs from the critic (a loss reading the wrong network would show); seed 4
     makes the min bind on head 2 in row 0 and head 1 in rows 1 and 3 of the test below."""

@@ -108,47 +108,24 @@ def test_diffusion_ql_learns_its_critic_and_its_q_term_reaches_the_actor(pendulu
     assert a.shape == (5, 1) and bool((a.abs() <= 1).all())
 
 
-class _KnownQ(torch.nn.Module):
-    """A fixed twin critic ``Q(s, a) = -(a - 0.8)^2`` with TwinQ's interface (one dummy weight, so
-    the agent's critic step still runs); as in test_consistency_policy.py."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, obs, action):
-        q = -((action - 0.8) ** 2).sum(-1) + 0.0 * self.dummy
-        return q, q
-
-    def q_min(self, obs, action):
-        return torch.minimum(*self(obs, action))
-
-
 def test_diffusion_ql_q_term_moves_actions_up_the_critic():
     """Data at -0.5 and +0.5, Q peaking at +0.8: with eta = 1 the actor's samples climb to Q's peak,
     with eta = 0 (plain BC) they keep both modes, mean about 0 (measured: mean action 0.83 vs 0.00)."""
-    B = 128
-
-    def sample():
-        sign = torch.where(torch.rand(B, 1) < 0.5, 1.0, -1.0)
-        obs = torch.rand(B, 1) * 2 - 1
-        return TensorDict({"observation": obs, "action": 0.5 * sign + 0.05 * torch.randn(B, 1),
-                           "next": {"observation": obs, "reward": torch.zeros(B, 1),
-                                    "terminated": torch.ones(B, 1, dtype=torch.bool)}}, [B])
+    from known_q import KnownQ, two_mode_batch
 
     results = {}
     for eta in (0.0, 1.0):
         torch.manual_seed(0)
         agent = make_agent("diffusion_ql", 1, 1, hidden=64, depth=2, time_dim=8, critic_hidden=8, critic_depth=1,
                            eta=eta, lr=1e-3, ema_start=10**9)
-        agent.critic, agent.critic_target = _KnownQ(), _KnownQ()
+        agent.critic, agent.critic_target = KnownQ(), KnownQ()
         agent.add_optimizer("critic", agent.critic.parameters())
         for _ in range(60):
-            agent.update(sample())
+            agent.update(two_mode_batch(128))
         with torch.no_grad():
             obs = torch.rand(1000, 1) * 2 - 1
             a = agent.sample_actions(obs, ema=False)
-            results[eta] = (float(_KnownQ().q_min(obs, a).mean()), float(a.mean()))
+            results[eta] = (float(KnownQ().q_min(obs, a).mean()), float(a.mean()))
     (q_bc, mean_bc), (q_ql, mean_ql) = results[0.0], results[1.0]
     assert q_ql > q_bc + 0.3, (q_bc, q_ql)
     assert mean_ql > 0.6 and mean_ql > mean_bc + 0.4, (mean_bc, mean_ql)  # towards +0.8, not away from it
