@@ -57,6 +57,52 @@ def test_lcm_precond_boundary_and_inner_kind():
         Denoiser(net, S.EDM(), precond=LCMPrecond())(x, torch.ones(3))
 
 
+@pytest.mark.parametrize("sd,smin", [(0.5, 0.002), (1.0, 0.05)])
+def test_consistency_precond_matches_a_diffusers_cm_step(sd, smin):
+    """On each of 40 Karras levels, ConsistencyPrecond's f(x, sigma) is diffusers' denoised sample:
+    scale_model_input (c_in), the network at its timestep 250 ln(sigma) (c_noise), then step's
+    c_skip x + c_out F (s_noise = 0, no clipping, so step returns exactly that)."""
+    diffusers = pytest.importorskip("diffusers")
+    cm = diffusers.CMStochasticIterativeScheduler(num_train_timesteps=40, sigma_min=smin, sigma_max=80.0,
+                                                  sigma_data=sd, s_noise=0.0, clip_denoised=False)
+    cm.set_timesteps(timesteps=list(range(39, -1, -1)))
+    net = _net()
+    den = Denoiser(net, S.EDM(sigma_min=smin, sigma_max=80.0, sigma_data=sd), precond=ConsistencyPrecond())
+    g = torch.Generator().manual_seed(0)
+    for k, t_k in enumerate(cm.timesteps):
+        sigma = cm.sigmas[k]
+        x = 3 * torch.randn(8, 2, generator=g)
+        with torch.no_grad():
+            out = net(cm.scale_model_input(x, t_k), t_k.float().expand(8), None)
+            want = cm.step(out, t_k, x).prev_sample
+            got = den(x, sigma.expand(8))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float(sigma) == pytest.approx(smin)  # the last level is the boundary, f = x
+
+
+@pytest.mark.parametrize("kind,prediction_type", [("eps", "epsilon"), ("v", "v_prediction"), ("x0", "sample")])
+@pytest.mark.parametrize("scaling", [10.0, 0.1])
+def test_lcm_precond_matches_a_diffusers_lcm_step(kind, prediction_type, scaling):
+    """LCMPrecond's f(x, t) is the ``denoised`` of diffusers' LCMScheduler.step at each of its timesteps:
+    c_skip(t) x + c_out(t) x0_hat with the same inner prediction and timestep scaling."""
+    diffusers = pytest.importorskip("diffusers")
+    lcm = diffusers.LCMScheduler(prediction_type=prediction_type, timestep_scaling=scaling)
+    lcm.set_timesteps(timesteps=[999, 600, 250, 40, 10, 5, 2, 1, 0], original_inference_steps=1000)  # to the boundary
+    net = _net()
+    sched = S.DiscreteVP(1000, "scaled_linear", 0.00085, 0.012)
+    den = Denoiser(net, sched, precond=LCMPrecond(kind, timestep_scaling=scaling))
+    g = torch.Generator().manual_seed(0)
+    for t_k in lcm.timesteps:
+        x = torch.randn(8, 2, generator=g)
+        t = t_k.float().expand(8)
+        with torch.no_grad():
+            want = lcm.step(net(x, t, None), t_k, x, generator=g).denoised
+            got = den(x, t)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        if int(t_k) == 0:
+            torch.testing.assert_close(got, x)  # c_skip(0) = 1, c_out(0) = 0
+
+
 def test_trigflow_precond_scales_input():
     seen = {}
     def net(x, t, cond):

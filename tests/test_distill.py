@@ -2,7 +2,7 @@
 import torch
 
 from diffpolicy import schedules as S
-from diffpolicy.denoiser import Denoiser
+from diffpolicy.denoiser import Denoiser, DenoiserBase
 from diffpolicy.distill import progressive_distillation_loss, student_timesteps
 from diffpolicy.ema import EMA
 from diffpolicy.metrics import SlicedWassersteinTo
@@ -19,28 +19,54 @@ def _data(n, gen):
     return MEANS[k] + 0.05**0.5 * torch.randn(n, 2, generator=gen)
 
 
+class _Probe(DenoiserBase):
+    """An x0-student whose prediction is a free tensor ``p`` (one value per element); records its inputs."""
+
+    def __init__(self, sched, p):
+        super().__init__()
+        self.schedule, self.prediction = sched, "x0"
+        self.p = torch.nn.Parameter(p)
+        self.seen = []
+
+    def forward(self, x, t, cond=None):
+        self.seen.append((x.detach().clone(), t.detach().clone()))
+        return self.p
+
+
 def test_the_target_makes_one_ddim_step_land_on_the_teachers_two():
+    """Salimans & Ho Alg. 2: a student predicting the loss's target x~ as its x0 takes ONE DDIM step
+    t -> t'' to where the teacher's TWO DDIM steps t -> t' -> t'' land (the library's DDIM sampler on
+    the teacher's grid). x~ is read off the loss as a black box: the loss is w (p - x~)^2 per element,
+    so its p-gradients g at p = 0 and p = 1 give x~ = g(0) / (g(0) - g(1)), whatever the weight w,
+    and w itself (Salimans & Ho §4's truncated SNR, max(alpha^2 / sigma^2, 1))."""
     sched = S.DiscreteVP(1000, "linear")
     teacher = GaussianMixtureDenoiser(sched, MEANS, COVS, prediction="eps")
-
-    class Perfect(torch.nn.Module):  # a student whose x0 is the PD target: its loss must be 0
-        prediction, schedule = "x0", sched
-
-        def x0_eps(self, x, t, cond=None):
-            ts = sched.timesteps(4)
-            t1 = torch.stack([ts[(ts == tt).nonzero()[0, 0] + 1] for tt in t.double()]).float()
-            t2 = torch.stack([ts[(ts == tt).nonzero()[0, 0] + 2] for tt in t.double()]).float()
-            step = lambda x, a, b: (lambda x0e: sched.alpha_sigma(b)[0][:, None] * x0e[0]
-                                    + sched.alpha_sigma(b)[1][:, None] * x0e[1])(teacher.x0_eps(x, a))
-            z2 = step(step(x, t, t1), t1, t2)
-            (a, s), (a2, s2) = sched.alpha_sigma(t), sched.alpha_sigma(t2)
-            r = (s2 / s)[:, None]
-            return ((z2 - r * x) / (a2[:, None] - r * a[:, None])).float(), None
-
-    x0 = _data(64, torch.Generator().manual_seed(0))
-    loss = progressive_distillation_loss(Perfect(), teacher, x0, student_steps=2,
-                                         generator=torch.Generator().manual_seed(1))
-    assert loss.shape == (64,) and float(loss.max()) < 1e-8
+    x0 = _data(256, torch.Generator().manual_seed(0)).double()
+    grads, seen = [], []
+    for value in (0.0, 1.0):
+        probe = _Probe(sched, torch.full_like(x0, value))
+        progressive_distillation_loss(probe, teacher, x0, student_steps=2,
+                                      generator=torch.Generator().manual_seed(1)).sum().backward()
+        grads.append(probe.p.grad)
+        seen += probe.seen
+    assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0])  # the same draws at p = 0 and p = 1
+    x_tilde = grads[0] / (grads[0] - grads[1])
+    z, t = seen[0]
+    a_t, s_t = sched.alpha_sigma(t)
+    weight = (grads[1] - grads[0]) * x0.shape[1] / 2  # d/dp of w mean_j (p_j - x~_j)^2 = 2 w (p - x~) / d
+    torch.testing.assert_close(weight, (a_t**2 / s_t**2).clamp_min(1.0)[:, None].expand_as(weight))  # truncated SNR
+    ts = sched.timesteps(4).double()  # the teacher's grid; student steps go t_0 -> t_2 -> t_4
+    i = (t[:, None] == ts).double().argmax(1)
+    assert set(i.tolist()) == {0, 2}  # both student steps were drawn
+    for k in (0, 2):
+        rows = i == k
+        with torch.no_grad():
+            two = run_sampler("ddim", teacher, z[rows].clone(), ts[k:k + 3])  # t -> t' -> t''
+        (a, s), (a2, s2) = sched.alpha_sigma(ts[k]), sched.alpha_sigma(ts[k + 2])
+        eps_student = (z[rows] - a * x_tilde[rows]) / s  # DDIM: eps implied by the x0 prediction
+        one = a2 * x_tilde[rows] + s2 * eps_student     # one step t -> t''
+        torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-8)
+        assert float((two - z[rows]).abs().mean()) > 0.05  # a real move, not a fixed point
 
 
 def test_one_round_halves_the_steps_and_beats_the_teacher_at_the_same_steps():

@@ -23,8 +23,8 @@ def swd():
     return SlicedWassersteinTo(_data(20000, torch.Generator().manual_seed(9)), generator=torch.Generator().manual_seed(3))
 
 
-def _train(loss_fn, params, steps, lr=2e-3):
-    opt = torch.optim.Adam(params, lr=lr)
+def _train(loss_fn, params, steps, lr=2e-3, betas=(0.9, 0.999)):
+    opt = torch.optim.Adam(params, lr=lr, betas=betas)
     for i in range(steps):
         loss = loss_fn(i)
         opt.zero_grad()
@@ -115,6 +115,38 @@ def test_sds_gradient_is_the_weighted_noise_residual_and_its_loss_backpropagates
     torch.testing.assert_close(grad, by_hand.float())
 
 
+@pytest.mark.parametrize("weighting", ["dmd", "sds", "uniform"])
+def test_dmd_and_vsd_gradients_with_a_given_fake_by_hand(weighting):
+    """With a fake denoiser: DMD (Yin et al. eq. 7-8) ``(x0_fake - x0_real) / mean|x - x0_real|`` per
+    sample; VSD (Wang et al. eq. 9) ``w (eps_real - eps_fake)``, ``w = sigma^2`` (sds) or 1. The real model
+    predicts x0 and the fake eps, so both conversions are exercised; the loss backpropagates the grad."""
+    sched = S.DiscreteVP(1000, "linear")
+    real = GaussianMixtureDenoiser(sched, MEANS, COVS, prediction="x0")
+    fake = GaussianMixtureDenoiser(sched, 0.5 * MEANS + 0.3, 2 * COVS, prediction="eps")  # a given fake score
+    x = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    grad = score_distillation_grad(x, real, fake=fake, weighting=weighting, generator=torch.Generator().manual_seed(4))
+    score_distillation_loss(x, real, fake=fake, weighting=weighting,
+                            generator=torch.Generator().manual_seed(4)).sum().backward()
+    torch.testing.assert_close(x.grad, grad)
+    g = torch.Generator().manual_seed(4)  # the same draws: t (integer steps in the default (0.02, 0.98)), eps
+    u = 0.02 + 0.96 * torch.rand(32, generator=g, dtype=torch.float64)
+    t = (sched.t_min + u * (sched.t_max - sched.t_min)).round()
+    eps = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    alpha, sigma = (v[:, None] for v in sched.alpha_sigma(t))
+    xd = x.detach()
+    x_t = alpha * xd + sigma * eps
+    x0_real = real(x_t, t)
+    eps_real = (x_t - alpha * x0_real) / sigma
+    eps_fake = fake(x_t, t)
+    x0_fake = (x_t - sigma * eps_fake) / alpha
+    if weighting == "dmd":
+        by_hand = (x0_fake - x0_real) / (xd - x0_real).abs().mean(1, keepdim=True)
+    else:
+        by_hand = (sigma**2 if weighting == "sds" else 1.0) * (eps_real - eps_fake)
+    torch.testing.assert_close(grad, by_hand, rtol=1e-9, atol=1e-12)
+    assert float(by_hand.abs().mean()) > 1e-2  # the two denoisers disagree: a real direction
+
+
 def _nearest_mode_distance(x):
     return float(torch.cdist(x, MEANS).min(1).values.mean())
 
@@ -150,32 +182,36 @@ def test_sds_pulls_particles_onto_modes_and_vsd_keeps_their_spread(swd):
 
 
 def test_dmd_trains_a_one_step_generator(swd):
+    """Distribution matching alone: a one-step generator trained only by DMD's gradient against an
+    online fake score (DMD2's two time-scale rule: 2 fake updates per generator step) goes from SWD ~1.1
+    to ~0.3. No regression term: on this toy the regression on exact teacher ODE pairs alone reaches ~0.11
+    and would pass with the DMD gradient broken. With the DMD term removed the generator stays at ~1.1;
+    with the fake score ignored (x0_fake = x, mode seeking) it collapses to the mean, ~1.14."""
     torch.manual_seed(0)
     sched = S.DiscreteVP(1000, "squaredcos_cap_v2")
     teacher = GaussianMixtureDenoiser(sched, MEANS, COVS, prediction="x0")
-    gen_model, fake = _mlp(sched, "x0"), _mlp(sched, "x0")
-    z_reg, x_reg = ode_pairs(teacher, (2048, 2), 50, sampler="ddim", generator=torch.Generator().manual_seed(0))
+    gen_model, fake = (Denoiser(MLPDenoiser(2, hidden=64, depth=3, time_dim=32), sched, "x0") for _ in range(2))
     g = torch.Generator().manual_seed(1)
     draw = lambda n: prior(teacher, (n, 2), generator=g)  # noqa: E731
     with torch.no_grad():
         before = swd(one_step(gen_model, draw(4000)))
-    fake_opt = torch.optim.Adam(fake.parameters(), lr=2e-3)
+    fake_opt = torch.optim.Adam(fake.parameters(), lr=5e-3, betas=(0.5, 0.99))
 
     def step(_):
-        for _ in range(5):  # DMD2's two time-scale rule: the fake score keeps up with the generator
-            x = one_step(gen_model, draw(128))
+        for _ in range(2):
+            with torch.no_grad():
+                x = one_step(gen_model, draw(128))
             fl = fake_score_loss(fake, x, generator=g).mean()
             fake_opt.zero_grad()
             fl.backward()
             fake_opt.step()
-        i = torch.randint(0, len(z_reg), (64,), generator=g)
-        return (score_distillation_loss(x, teacher, fake=fake, weighting="dmd", generator=g).mean()
-                + 0.25 * pair_regression_loss(gen_model, z_reg[i], x_reg[i]).mean())
+        return score_distillation_loss(one_step(gen_model, draw(128)), teacher, fake=fake, weighting="dmd",
+                                       generator=g).mean()
 
-    _train(step, gen_model.parameters(), 800, lr=1e-3)
+    _train(step, gen_model.parameters(), 400, lr=2e-3, betas=(0.5, 0.99))
     with torch.no_grad():
         after = swd(one_step(gen_model.eval(), draw(4000)))
-    assert after < 0.25 * before and after < 0.25, (before, after)  # 1.09 -> 0.18
+    assert after < 0.4 * before, (before, after)  # 1.10 -> 0.35 (0.29-0.35 over 4 seeds)
 
 
 class _Disc(torch.nn.Module):

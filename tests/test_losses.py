@@ -6,11 +6,11 @@ import torch
 from tensordict import TensorDict
 
 from diffpolicy import schedules as S
-from diffpolicy.denoiser import Denoiser, EDMPrecond
+from diffpolicy.denoiser import Denoiser, DenoiserBase, EDMPrecond
 from diffpolicy.ema import EMA
 from diffpolicy.losses import (
-    DenoisingLoss, consistency_distillation_loss, ct_num_scales, diffusion_loss, flow_matching_loss,
-    loss_weight, pseudo_huber, trigflow_loss,
+    DenoisingLoss, consistency_distillation_loss, consistency_training_loss, ct_num_scales, diffusion_loss,
+    flow_matching_loss, loss_weight, pseudo_huber, trigflow_loss,
 )
 from diffpolicy.nets import MLPDenoiser
 from diffpolicy.toys import GaussianMixtureDenoiser
@@ -140,6 +140,23 @@ def test_denoising_loss_module_keys():
         DenoisingLoss(den, weighting="snr+1")
 
 
+@pytest.mark.parametrize("weighting,gamma", [("min_snr", 2.0), ("edm", 5.0)])
+def test_denoising_loss_module_is_the_batch_mean_of_diffusion_loss(weighting, gamma):
+    """The module's loss is diffusion_loss(..., weighting, min_snr_gamma).mean() on the same draws
+    (the global generator, seeded alike), not the uniform one."""
+    den = Denoiser(_net(obs_dim=3), S.DiscreteVP(), "eps")
+    td = TensorDict({"action": torch.randn(16, 2), "observation": torch.randn(16, 3)}, [16])
+    torch.manual_seed(7)
+    got = DenoisingLoss(den, weighting=weighting, min_snr_gamma=gamma)(td)["loss_diffusion"]
+    torch.manual_seed(7)
+    want = diffusion_loss(den, td["action"], td["observation"], weighting=weighting, min_snr_gamma=gamma)
+    torch.testing.assert_close(got, want.mean(), rtol=0, atol=0)
+    torch.manual_seed(7)
+    uniform = diffusion_loss(den, td["action"], td["observation"]).mean()
+    got, uniform = float(got.detach()), float(uniform.detach())
+    assert abs(got - uniform) > 0.05 * uniform, (got, uniform)
+
+
 def test_diffusion_loss_bad_inputs():
     den = Denoiser(_net(obs_dim=3), S.DiscreteVP(), "eps")
     with pytest.raises(ValueError, match="cond has batch size 4"):
@@ -195,17 +212,42 @@ def test_consistency_distillation_anchors_the_boundary():
     assert float(loss.max()) > 0.2 and 0.04 < float(hit) < 0.2, (float(loss.max()), float(hit))
 
 
-def test_consistency_distillation_with_guided_teacher():
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_consistency_distillation_with_guided_teacher(w):
+    """The teacher's DDIM step uses the CFG eps u + w (c - u) (LCM eq. 11): checked by hand through one
+    DDIM step t_hi -> t_lo, x0 = (x - s eps_g)/a at t_hi, x_hat = a' x0 + s' eps_g, on the student's inputs."""
     sched = S.DiscreteVP(1000)
     calls = []
-    def net(x, t, c):
+
+    def net(x, t, c):  # eps: 0.5 x unconditionally, 0.5 x + 0.2 c with the conditioning
         calls.append(c)
-        return torch.zeros_like(x) if c is None else 0.1 * torch.ones_like(x)
+        return 0.5 * x if c is None else 0.5 * x + 0.2 * c
     teacher = Denoiser(net, sched, "eps")
-    student = Denoiser(lambda x, t, c: torch.zeros_like(x), sched, "x0")
-    cond = torch.ones(8, 1)
-    loss = consistency_distillation_loss(student, teacher, torch.randn(8, 2), cond, num_scales=5, guidance_scale=3.0)
-    assert loss.shape == (8,) and any(c is None for c in calls) and any(c is not None for c in calls)
+    seen = []
+
+    class Identity(DenoiserBase):  # f(x, t) = x, recording the online and the target inputs
+        schedule, prediction = sched, "x0"
+
+        def forward(self, x, t, cond=None):
+            seen.append((x.detach().clone(), t.detach().clone(), torch.is_grad_enabled()))
+            return x
+    cond = torch.ones(64, 1, dtype=torch.float64)
+    x0 = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loss = consistency_distillation_loss(Identity(), teacher, x0, cond, num_scales=5, guidance_scale=w,
+                                         generator=torch.Generator().manual_seed(1))
+    assert any(c is None for c in calls) and any(c is not None for c in calls)
+    (x_hat, _, target_grad), (x, t_hi, online_grad) = seen
+    assert not target_grad and online_grad
+    ts = sched.timesteps(5).double()
+    t_lo = ts[(t_hi[:, None] == ts).double().argmax(1) + 1]
+    (a, s), (a2, s2) = ((v[:, None] for v in sched.alpha_sigma(tt)) for tt in (t_hi, t_lo))
+    eps_g = 0.5 * x + w * 0.2  # u + w (c - u)
+    x_hand = a2 * (x - s * eps_g) / a + s2 * eps_g
+    inner = s2[:, 0] > 0  # the pairs that end at the data end compare with x_hat / alpha instead of f(x_hat)
+    assert 0 < int(inner.sum()) < 64
+    torch.testing.assert_close(x_hat[inner], x_hand[inner], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(loss, ((x - torch.where(inner[:, None], x_hand, x_hand / a2)) ** 2).mean(1),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_consistency_training_weights_and_stop_gradient():
@@ -214,7 +256,6 @@ def test_consistency_training_weights_and_stop_gradient():
     from diffpolicy.denoiser import ConsistencyPrecond
     model = Denoiser(net, sched, precond=ConsistencyPrecond())
     x0 = torch.randn(64, 2)
-    from diffpolicy.losses import consistency_training_loss
     loss = consistency_training_loss(model, x0, step=0, total_steps=100, generator=torch.Generator().manual_seed(0))
     loss.mean().backward()
     assert loss.shape == (64,) and bool((loss >= 0).all())
@@ -225,6 +266,108 @@ def test_consistency_training_weights_and_stop_gradient():
         def forward(self, x, t, cond=None):
             return x0
     assert float(consistency_training_loss(Oracle(), x0, step=5, total_steps=100).abs().max()) < 1e-6
+
+
+class _Scaled(DenoiserBase):
+    """``f(x, t) = theta x`` on EDM with one learnable scalar; records each call's input, time and
+    whether autograd was on, so a test can rebuild the pair the loss drew."""
+
+    def __init__(self, theta):
+        super().__init__()
+        self.schedule, self.prediction = S.EDM(), "x0"
+        self.theta = torch.nn.Parameter(torch.tensor(theta, dtype=torch.float64))
+        self.calls = []
+
+    def forward(self, x, t, cond=None):
+        self.calls.append((x.detach().clone(), t.detach().clone(), torch.is_grad_enabled()))
+        return self.theta * x
+
+
+def _karras_ascending(n, lo=0.002, hi=80.0, rho=7.0):
+    """EDM's sigmas by hand (Karras et al. 2022 eq. 5), ascending, in float64."""
+    return [(hi ** (1 / rho) + (n - 1 - i) / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)]
+
+
+@pytest.mark.parametrize("metric", ["pseudo_huber", "l2"])
+@pytest.mark.parametrize("separate_target", [False, True], ids=["self_target", "target_model"])
+def test_consistency_training_gradient_by_hand(metric, separate_target):
+    """f = theta x: the loss d(theta a, theta' b) / (s_hi - s_lo) with a = x0 + s_hi z, b = x0 + s_lo z on
+    adjacent Karras sigmas; the gradient flows through the online branch only (theta' = sg(theta), or
+    a separate target model's scalar, which gets no gradient)."""
+    x0 = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = _Scaled(0.7)
+    target = _Scaled(0.4) if separate_target else None
+    step, total = 300, 1000
+    loss = consistency_training_loss(model, x0, step=step, total_steps=total, target=target, metric=metric,
+                                     generator=torch.Generator().manual_seed(1))
+    loss.sum().backward()
+    target_calls = target.calls if separate_target else model.calls[1:]
+    assert len(model.calls) == (1 if separate_target else 2) and len(target_calls) == 1
+    (a, s_hi, online_grad), (b, s_lo, target_grad) = model.calls[0], target_calls[0]
+    assert online_grad and not target_grad
+    # the pair: adjacent levels of the N(k)-level Karras grid, one shared z
+    grid = torch.tensor(_karras_ascending(ct_num_scales(step, total)), dtype=torch.float64)
+    k = (s_lo[:, None] - grid).abs().argmin(1)
+    torch.testing.assert_close(s_lo, grid[k], rtol=1e-12, atol=0)
+    torch.testing.assert_close(s_hi, grid[k + 1], rtol=1e-12, atol=0)
+    torch.testing.assert_close((a - x0) / s_hi[:, None], (b - x0) / s_lo[:, None])
+    theta_t = 0.4 if separate_target else 0.7
+    r = 0.7 * a - theta_t * b
+    dt = s_hi - s_lo
+    if metric == "l2":
+        want_loss = (r**2).mean(1) / dt
+        want_grad = ((2 * r * a).mean(1) / dt).sum()  # d/dtheta through theta a only
+    else:
+        c = 0.00054 * math.sqrt(2)
+        root = ((r**2).sum(1) + c**2).sqrt()
+        want_loss = (root - c) / dt
+        want_grad = ((r * a).sum(1) / root / dt).sum()
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.theta.grad, want_grad, rtol=1e-10, atol=1e-12)
+    if separate_target:
+        assert target.theta.grad is None
+
+
+def test_consistency_training_target_network_gets_no_gradient():
+    from diffpolicy.denoiser import ConsistencyPrecond
+    sched = S.EDM()
+    model = Denoiser(_net(), sched, precond=ConsistencyPrecond())
+    target = Denoiser(_net(), sched, precond=ConsistencyPrecond())  # e.g. original CT's EMA copy
+    x0 = torch.randn(64, 2)
+    loss = consistency_training_loss(model, x0, step=0, total_steps=100, target=target,
+                                     generator=torch.Generator().manual_seed(0))
+    loss.sum().backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.net.parameters())
+    with torch.no_grad():  # and the target is the one compared with: the model as its own target differs
+        own = consistency_training_loss(model, x0, step=0, total_steps=100, generator=torch.Generator().manual_seed(0))
+    assert float((loss.detach() - own).abs().max()) > 1e-3
+
+
+def test_consistency_training_pairs_follow_ict_lognormal_probabilities():
+    """iCT (Song & Dhariwal 2023 eq. 7): p(sigma_i) ~ erf((ln s_{i+1} - P_mean)/(sqrt2 P_std)) -
+    erf((ln s_i - P_mean)/(sqrt2 P_std)) over the N(k) - 1 adjacent pairs; 1e5 draws against it."""
+    n_draws, step, total = 100_000, 400, 1000   # N(k) = 81 levels, 80 pairs
+    model = _Scaled(1.0)
+    x0 = torch.zeros(n_draws, 1, dtype=torch.float64)
+    with torch.no_grad():
+        consistency_training_loss(model, x0, step=step, total_steps=total, generator=torch.Generator().manual_seed(0))
+    grid = _karras_ascending(ct_num_scales(step, total))
+    assert len(grid) == 81
+    cdf = [math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in grid]
+    p = torch.tensor([hi - lo for lo, hi in zip(cdf, cdf[1:])], dtype=torch.float64)
+    p = p / p.sum()
+    s_lo = model.calls[1][1]
+    k = (s_lo[:, None] - torch.tensor(grid[:-1], dtype=torch.float64)).abs().argmin(1)
+    counts = torch.bincount(k, minlength=len(p)).double()
+    # per bin: |freq - p| within 5 binomial standard deviations (sqrt(p(1-p)/n) <= 0.0016)
+    z = (counts / n_draws - p) / (p * (1 - p) / n_draws).sqrt()
+    assert float(z.abs().max()) < 5, float(z.abs().max())  # 2.69 here; chi-square 74.3 on 79 df, p = 0.63
+    # and jointly: Pearson's chi-square on the bins with >= 5 expected draws, p-value above 1e-4
+    big = p * n_draws >= 5
+    stat = ((counts[big] - n_draws * p[big]) ** 2 / (n_draws * p[big])).sum()
+    p_value = float(torch.special.gammaincc(torch.tensor((int(big.sum()) - 1) / 2, dtype=torch.float64), stat / 2))
+    assert p_value > 1e-4, (float(stat), p_value)
 
 
 def test_min_snr_is_finite_at_zero_terminal_snr():

@@ -125,6 +125,39 @@ def test_consistency_boundary(sd, smin):
     assert float(c_skip) == pytest.approx(1.0, abs=1e-12) and float(c_out) == 0.0
 
 
+@pytest.mark.parametrize("sd,smin", [(0.5, 0.002), (1.0, 0.05), (0.2, 0.01)])
+def test_consistency_scalings_match_diffusers(sd, smin):
+    """c_skip, c_out against diffusers' CMStochasticIterativeScheduler.get_scalings_for_boundary_condition,
+    and c_in against its scale_model_input, on 200 sigmas from sigma_min to 200 (float64)."""
+    diffusers = pytest.importorskip("diffusers")
+    cm = diffusers.CMStochasticIterativeScheduler(sigma_min=smin, sigma_data=sd)
+    sigma = torch.logspace(torch.tensor(smin).log10(), torch.tensor(200.0).log10(), 200, dtype=torch.float64)
+    c_skip, c_out, c_in = P.consistency_scalings(sigma, sd, smin)
+    ref_skip, ref_out = cm.get_scalings_for_boundary_condition(sigma)
+    torch.testing.assert_close(c_skip, ref_skip, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(c_out, ref_out, rtol=1e-12, atol=1e-15)
+    cm.sigmas = sigma  # scale_model_input divides by sqrt(sigma^2 + sd^2) at its step index
+    for k in range(0, 200, 7):
+        cm._step_index = k
+        torch.testing.assert_close(c_in[k], cm.scale_model_input(torch.ones((), dtype=torch.float64), None),
+                                   rtol=1e-12, atol=0)
+    assert 0.5 < float(c_skip[0]) <= 1 and float(c_skip[-1]) < 1e-4  # the range spans both ends
+
+
+@pytest.mark.parametrize("scaling", [10.0, 1.0, 0.1])
+def test_lcm_scalings_match_diffusers(scaling):
+    """c_skip, c_out on every discrete timestep against diffusers' LCMScheduler
+    .get_scalings_for_boundary_condition_discrete (sigma_data 0.5 there), for several timestep scalings."""
+    diffusers = pytest.importorskip("diffusers")
+    lcm = diffusers.LCMScheduler(timestep_scaling=scaling)
+    t = torch.arange(1000, dtype=torch.float64)
+    c_skip, c_out = P.lcm_scalings(t, 0.5, scaling)
+    ref_skip, ref_out = lcm.get_scalings_for_boundary_condition_discrete(t)
+    torch.testing.assert_close(c_skip, ref_skip, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(c_out, ref_out, rtol=1e-12, atol=1e-15)
+    assert float(c_skip[1]) < 1 and float(c_out[999]) > 0.9
+
+
 def test_bad_kind_and_missing_derivatives():
     with pytest.raises(ValueError, match="valid: eps, x0, v, rf_velocity, score, trigflow"):
         P.check_prediction("noise")
