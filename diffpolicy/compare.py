@@ -14,6 +14,7 @@ import json
 import math
 import pathlib
 import statistics
+import warnings
 
 from diffpolicy.agents import ONLINE_AGENTS as ONLINE
 
@@ -50,6 +51,24 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.pstdev(xs)
 
 
+def _settings(run: dict) -> dict:
+    """What a run computes, flattened, except its seed: runs of one label should agree on it."""
+    meta = json.loads((pathlib.Path(run["run"]) / "config.json").read_text())
+    flat = {f"agent.{k}": v for k, v in (meta.get("agent_config") or {}).items()}
+    flat.update({f"train.{k}": v for k, v in (meta.get("train") or {}).items() if k != "seed"})
+    flat.update({k: meta.get(k) for k in ("agent", "dataset", "env_id")})
+    flat["final step"] = run["steps"][-1]
+    return flat
+
+
+def _warn_mixed(label: str, members: list[dict]) -> None:
+    settings = [_settings(m) for m in members]
+    differ = sorted(k for k in set().union(*settings) if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1)
+    if differ:
+        warnings.warn(f"the {len(members)} runs labelled {label!r} differ in {', '.join(differ)}, yet are averaged "
+                      "as seeds of one method: give each setting its own label (labels=, or --labels)", stacklevel=3)
+
+
 def compare_runs(run_dirs, out=None, labels: list[str] | None = None) -> dict:
     """The comparison of ``run_dirs``; with ``out`` (a path without suffix) also writes
     ``out.json``, ``out.md`` and ``out.png``. Uses returns where the runs have no reference scores."""
@@ -63,6 +82,7 @@ def compare_runs(run_dirs, out=None, labels: list[str] | None = None) -> dict:
         groups.setdefault(labels[i] if labels else _label(r, several), []).append(r)
     rows = []
     for label, members in groups.items():
+        _warn_mixed(label, members)
         final, final_std = _mean_std([m[metric][-1] for m in members])
         best, _ = _mean_std([max(v for v in m[metric] if not math.isnan(v)) for m in members])
         rows.append({"method": label, "final": final, "final_std": final_std, "best": best, "runs": len(members),

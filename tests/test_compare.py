@@ -1,16 +1,17 @@
 """compare_runs: seeds of one method grouped, mean ± population std of final and best scores."""
 import json
 import math
+import warnings
 
 import pytest
 
 from diffpolicy.compare import compare_runs
 
 
-def _run(path, agent, seed, steps, scores, returns=None):
+def _run(path, agent, seed, steps, scores, returns=None, lr=1e-4):
     path.mkdir(parents=True)
     path.joinpath("config.json").write_text(json.dumps({"agent": agent, "dataset": "toy/medium-v0", "env_id": "Toy-v0",
-                                                         "train": {"seed": seed}}))
+                                                         "agent_config": {"lr": lr}, "train": {"seed": seed}}))
     returns = returns or [10 * s for s in scores]
     rows = ["step,return_mean,return_std,score_mean,score_std"]
     rows += [f"{st},{r},0,{'' if s is None else s},0" for st, s, r in zip(steps, scores, returns)]
@@ -44,3 +45,17 @@ def test_returns_are_compared_where_a_run_has_no_reference_scores(tmp_path):
     rep = compare_runs([a, b], labels=["bc", "bc"])
     (row,) = rep["rows"]
     assert rep["metric"] == "return" and row["final"] == pytest.approx(4.0) and row["final_std"] == pytest.approx(1.0)
+
+
+def test_runs_of_one_label_that_differ_in_settings_or_budget_are_flagged(tmp_path):
+    a = _run(tmp_path / "a", "dppo", 0, [0, 10], [1.0, 2.0])
+    b = _run(tmp_path / "b", "dppo", 1, [0, 10], [1.0, 3.0])
+    c = _run(tmp_path / "c", "dppo", 2, [0, 10, 20], [1.0, 3.0, 4.0], lr=3e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare_runs([a, b])  # seeds of one setting: no warning
+    with pytest.warns(UserWarning, match=r"3 runs labelled 'fine-tuned dppo' differ in agent.lr, final step"):
+        compare_runs([a, b, c])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(compare_runs([a, b, c], labels=["x", "x", "y"])["rows"]) == 2
