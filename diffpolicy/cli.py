@@ -164,10 +164,13 @@ def _distributed(device: str = "cpu"):
     import torch
     import torch.distributed as dist
 
+    from diffpolicy.runlog import check_device
+
+    check_device(device)  # a bad device is a one-line error here too, before any process group
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = str(check_device(f"cuda:{local}"))  # this rank's GPU must be visible to it
         torch.cuda.set_device(local)
-        device = f"cuda:{local}"
     import datetime
 
     # generous: rank 0 evaluates and checkpoints while the others wait at the next collective
@@ -366,6 +369,9 @@ def _image_command(args) -> int:
     sampler = args.sampler or info.get("sampler", "ddim")
     classes = info.get("num_classes", 10)  # a tuned model is sampled in the contexts it was tuned on
     labels = torch.arange(args.n) % classes if cfg.class_conditional and classes else None
+    if labels is None and args.guidance != 1.0:
+        raise ValueError(f"--guidance {args.guidance} needs class labels, but {run} samples unconditionally "
+                         "(an unconditional model, or one tuned with num_classes=0)")
     try:
         x = sample_images(model, args.n, cfg.size, steps, sampler, labels=labels, guidance=args.guidance,
                           generator=torch.Generator().manual_seed(args.seed))
@@ -381,7 +387,7 @@ def _image_command(args) -> int:
     Image.fromarray(((tile + 1) * 127.5).round().byte().numpy()).resize((tile.shape[1] * 4, tile.shape[0] * 4),
                                                                          Image.NEAREST).save(png)
     what = info.get("method", cfg.family) + (f" at step {info['step']}" if "step" in info else "")
-    kind = f"classes 0-{classes - 1}" if labels is not None else "unconditional"
+    kind = "unconditional" if labels is None else "class 0" if classes == 1 else f"classes 0-{classes - 1}"
     print(f"{args.n} samples of {what} ({sampler}, {steps} steps, {kind}) -> {png}")
     return 0
 

@@ -73,8 +73,10 @@ def check_device(spec: str) -> torch.device:
         raise ConfigError(f"device={spec!r} is not a device ('cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
+            fix = ("check the driver and CUDA_VISIBLE_DEVICES" if torch.backends.cuda.is_built()
+                   else "or install a CUDA build of torch")
             raise ConfigError(f"device={spec!r}, but this torch ({torch.__version__}) sees no CUDA GPU; use device=cpu, "
-                              "or install a CUDA build of torch")
+                              f"{fix}")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device={spec!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif device.type == "mps" and not torch.backends.mps.is_available():
@@ -87,11 +89,12 @@ def check_compile_backend(backend: str) -> None:
     if backend:
         from torch._dynamo import list_backends
 
-        if backend not in list_backends(exclude_tags=()):
+        valid = list_backends(exclude_tags=())
+        if backend not in valid:
             from .config import ConfigError
 
-            raise ConfigError(f"compile={backend!r} is not a torch.compile backend; valid: "
-                              f"{', '.join(list_backends())} (or compile= for none)")
+            raise ConfigError(f"compile={backend!r} is not a torch.compile backend; valid: {', '.join(valid)} (some, "
+                              "such as tvm or openxla, need their own packages), or compile= for none")
 
 
 def set_seed(seed: int) -> None:

@@ -22,9 +22,16 @@ def _mujoco_warnings_to_python() -> None:
     except ImportError:
         return
     if mujoco.get_mju_user_warning() is None:
+        import sys
         import warnings
 
-        mujoco.set_mju_user_warning(lambda msg: warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=2))
+        def warn(msg: str) -> None:  # called from MuJoCo's C code: an exception must not escape (it aborts)
+            try:
+                warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=2)
+            except Exception:  # warnings made errors (-W error): print it, as MuJoCo would
+                sys.stderr.write(f"MuJoCo warning: {msg}\n")
+
+        mujoco.set_mju_user_warning(warn)
 
 
 _mujoco_warnings_to_python()

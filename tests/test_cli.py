@@ -127,6 +127,8 @@ def test_image_pretrain_then_sample_and_clear_errors(tmp_path, capsys):
     assert rec["reward_before"] < -0.5 and rec["num_classes"] == 0  # a 3 is one digit in ten
     assert main(["image", "sample", str(steer), "--n", "4", "--out", str(tmp_path / "u.png")]) == 0
     assert "unconditional) ->" in capsys.readouterr().out  # sampled as it was tuned
+    assert main(["image", "sample", str(steer), "--guidance", "2"]) == 2
+    assert "needs class labels" in capsys.readouterr().err
     assert main(["image", "finetune", "ddpoo", str(tuned), "--from", str(run)]) == 2
     assert "did you mean 'ddpo'" in capsys.readouterr().err
     assert main(["image", "distill", str(student), "--teacher", str(run), "method=magic"]) == 2
@@ -275,6 +277,18 @@ def test_settings_and_busy_runs_are_refused_before_anything_is_written(pendulum_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists() and list(busy.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_bad_device_under_torchrun_is_one_line_too(tmp_path, capsys, monkeypatch):
+    """torchrun's environment makes the CLI pick this rank's GPU before training starts: the check
+    comes first there as well (it used to be a traceback from torch.cuda.set_device)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["image", "pretrain", str(tmp_path / "run"), "device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "sees no CUDA GPU" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_finetune_needs_the_matching_pretrained_agent(pendulum_data, tmp_path, capsys):

@@ -290,3 +290,18 @@ def test_mujoco_warnings_become_python_warnings_not_a_log_file(tmp_path, monkeyp
         mujoco.MjModel.from_xml_string(xml)
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
     assert any("MuJoCo: " in str(w.message) and "settotalmass" in str(w.message) for w in caught)
+
+
+def test_mujoco_warnings_made_errors_do_not_abort_the_process(tmp_path):
+    """Under ``-W error`` the handler's warning is an exception inside MuJoCo's C code, which would
+    abort the interpreter; it is printed instead, and the process goes on."""
+    import subprocess
+    import sys
+
+    code = ("import diffpolicy.envs, mujoco; mujoco.MjModel.from_xml_string('<mujoco><compiler settotalmass=\"2\"/>"
+            "<worldbody><body><freejoint/><geom size=\"0.1\"/></body></worldbody></mujoco>'); print('alive')")
+    r = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 0 and "alive" in r.stdout, (r.returncode, r.stderr[-500:])
+    assert "MuJoCo warning: compiler attribute 'settotalmass'" in r.stderr
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()

@@ -127,7 +127,7 @@ def pretrain_images(cfg: ImagePretrainConfig | None = None, *, run_dir=None, pro
     if rank == 0:
         try:
             saved = open_run(run_path, conf, {"steps": cfg.steps})
-        except ValueError as e:
+        except Exception as e:  # every error (a busy directory too) reaches the other ranks, which would wait
             error = e
     if world > 1:  # the others learn rank 0's verdict, then resume from what it checked
         verdict = [None if error is None else str(error)]
