@@ -192,8 +192,9 @@ def load_agent(run_dir):
             base = load_agent(source)
         else:
             raise ValueError(f"{run} is a {name} run that does not record the policy it started from "
-                             "(\"pretrained\" in config.json); rebuild it with make_online_agent and "
-                             "load_training_state")
+                             "(\"pretrained\" in config.json; runs started in Python before this was recorded): "
+                             "rebuild it with make_online_agent and load_training_state, or call train_online "
+                             "on it once more with its agent (which records it)")
         agent = make_online_agent(name, base, **_json_settings(agent_class(name), settings))
         try:
             agent.load_training_state(saved["agent"])

@@ -145,3 +145,11 @@ def test_a_run_started_in_python_records_its_policy_and_reopens(tmp_path, name):
     a = agent.act(obs)
     torch.manual_seed(1)
     torch.testing.assert_close(again.act(obs), a)
+    # a run written before the record existed: the error says how to recover it
+    del meta["pretrained"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not record the policy.*call train_online on it once more"):
+        load_agent(tmp_path)
+    train_online(agent, TARGET_ID, None, OnlineConfig(env_steps=16, eval_every=1, eval_episodes=2),
+                 run_dir=tmp_path, progress=False)  # resumed (nothing left to do), and recorded
+    assert load_agent(tmp_path).name == name
