@@ -218,10 +218,13 @@ def load_agent(run_dir):
 
 
 def _json_settings(cls, settings: dict) -> dict:
-    """Settings read back from config.json, typed as the agent's config fields (lists -> tuples)."""
+    """Settings read back from config.json, typed as the agent's config fields (lists -> tuples).
+    Settings the agent has since retired (``cls.retired_settings``: training-only knobs of an older
+    version of its update) are dropped, so older runs still load for acting."""
     import dataclasses
 
     from diffpolicy.config import load_config
 
-    cfg = load_config(cls.config_class, **settings)
+    retired = getattr(cls, "retired_settings", ())
+    cfg = load_config(cls.config_class, **{k: v for k, v in settings.items() if k not in retired})
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from diffpolicy.advantage import reward_weights
 
-from .online import OnlineChainAgent, OnlineChainConfig
+from .online import OnlineChainAgent, OnlineChainConfig, epoch_batches
 
 __all__ = ["DRWR", "DRWRConfig", "returns_to_go"]
 
@@ -83,7 +83,7 @@ class DRWR(OnlineChainAgent):
             return out  # no episode ended yet: nothing to regress on
         g = (g - g.mean()) / (g.std() + 1e-3)
         w = reward_weights(g.float(), c.beta, c.max_weight)
-        out.update(loss_actor=self.fit_weighted(obs, act, w, c.update_epochs, c.batch_size),
+        out.update(loss_actor=self.fit_weighted(obs, act, w, epoch_batches(len(g), c.batch_size, c.update_epochs)),
                    weight_mean=float(w.mean()), weight_max=float(w.max()))
         return out
 

@@ -51,7 +51,7 @@ from .base import mlp
 from .trainer import NonFiniteLossError
 
 __all__ = ["OnlineChainConfig", "OnlineChainAgent", "OnlineCheckpoint", "OnlineConfig", "train_online", "check_policy_shapes",
-           "explained_variance", "with_scaled_rewards"]
+           "explained_variance", "with_scaled_rewards", "epoch_batches", "replay_batches"]
 
 
 @dataclasses.dataclass
@@ -242,24 +242,35 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
         self._step(self.critic_opt, loss, self.critic.parameters())
         return loss.detach()
 
-    def fit_weighted(self, obs: Tensor, actions: Tensor, weights: Tensor, epochs: int, batch_size: int) -> float:
-        """Weighted diffusion regression of the actor on ``(obs, actions)`` (DRWR / DAWR's update);
-        ``epochs`` passes in minibatches of ``batch_size`` (the last partial one dropped, as DPPO's
-        code does). Returns the mean loss."""
+    def fit_weighted(self, obs: Tensor, actions: Tensor, weights: Tensor, batches) -> float:
+        """Weighted diffusion regression of the actor on ``(obs, actions)`` (DRWR / DAWR's update), one
+        optimiser step per index tensor of ``batches`` (:func:`epoch_batches` or :func:`replay_batches`).
+        Returns the mean loss."""
         loss_fn = RewardWeightedLoss(self.actor)
-        n, losses = obs.shape[0], []
-        nb = max(1, n // batch_size)
-        for _ in range(epochs):
-            perm = torch.randperm(n)
-            for b in range(nb):
-                idx = perm[b * batch_size:(b + 1) * batch_size]
-                td = TensorDict({"observation": obs[idx], "action": actions[idx], "weight": weights[idx]},
-                                batch_size=[len(idx)])
-                loss = loss_fn(td)["loss_diffusion"]
-                self._step(self.actor_opt, loss, self.actor.parameters())
-                losses.append(float(loss.detach()))
+        losses = []
+        for idx in batches:
+            td = TensorDict({"observation": obs[idx], "action": actions[idx], "weight": weights[idx]},
+                            batch_size=[len(idx)])
+            loss = loss_fn(td)["loss_diffusion"]
+            self._step(self.actor_opt, loss, self.actor.parameters())
+            losses.append(float(loss.detach()))
         return sum(losses) / len(losses)
 
+
+def epoch_batches(n: int, batch_size: int, epochs: int):
+    """``epochs`` shuffled passes over ``n`` rows in minibatches of ``batch_size``, the last partial one
+    dropped (as DPPO's code does); one minibatch of all rows when ``n < batch_size``."""
+    for _ in range(epochs):
+        perm = torch.randperm(n)
+        for b in range(max(1, n // batch_size)):
+            yield perm[b * batch_size:(b + 1) * batch_size]
+
+
+def replay_batches(n: int, batch_size: int, count: int):
+    """``count`` minibatches of ``batch_size`` rows drawn uniformly with replacement from ``n`` (the
+    replay-ratio updates of DPPO's AWR and QSM code, ``np.random.choice(n, batch_size)``)."""
+    for _ in range(count):
+        yield torch.randint(n, (batch_size,))
 
 
 class _Explore(nn.Module):

@@ -133,6 +133,11 @@ class RunningReturnScaler:
         delta = m - self.mean
         self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
         self.mean, self.count = self.mean + delta * n / total, total
+        return self.scale(reward)
+
+    def scale(self, reward: Tensor) -> Tensor:
+        """``reward / sqrt(var + eps)`` with the statistics as they stand (nothing is updated): rewards
+        stored earlier, rescaled consistently with the latest statistics (DAWR's replay)."""
         return (reward / math.sqrt(self.var + self.eps)).to(reward.dtype)
 
     def state_dict(self) -> dict:
