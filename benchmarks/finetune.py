@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -222,11 +223,13 @@ def run_one(name: str, env_id: str, data, bc, gbc, seed: int, args, run_root: Pa
         res = train_online(agent, env_id, data, cfg, run_dir=run_dir, progress=not args.no_progress,
                            pretrained=pretrained_record(base, source) if source is not None else None)
         history = res["history"]
-        out = {"env_steps": res["env_steps"], "seconds_per_iter": res["train_seconds"] / max(1, res["iterations"])}
+        out = {"env_steps": res["env_steps"], "seconds_per_iter": res["train_seconds"] / max(1, res["iterations"]),
+               "agent_config": json.loads(json.dumps(dataclasses.asdict(agent.config), default=str))}
     result = {"env": env_id, "method": name, "seed": seed, "env_steps": out["env_steps"],
               "scores": [h["score_mean"] for h in history], "steps": [h["env_steps"] for h in history],
               "final_score": history[-1]["score_mean"], "seconds_per_iter": out["seconds_per_iter"],
-              "num_envs": args.num_envs, "steps_per_iter": args.steps_per_iter}
+              "num_envs": args.num_envs, "steps_per_iter": args.steps_per_iter,
+              **({"agent_config": out["agent_config"]} if "agent_config" in out else {})}  # which settings ran
     result_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
