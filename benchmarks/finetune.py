@@ -320,7 +320,7 @@ def write_outputs(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     res = report["results"]
-    lines = [f"# Online fine-tuning: {report['env']} (D4RL-normalised score, mean ± std over seeds)", ""]
+    lines = [f"# Online fine-tuning: {report['env']} (D4RL-style normalised score, mean ± std over seeds)", ""]
     if report.get("start_score") is not None:
         lines.append(f"Pre-trained diffusion BC (deterministic evaluation): {report['start_score']:.1f}\n")
     lines.append("| method | 25% budget | 50% budget | final | s / iteration | seeds |")
@@ -422,6 +422,10 @@ def main(argv=None):
     make_dataset(args.env, args.quality, n_transitions=args.transitions, behaviour_steps=args.behaviour_steps,
                  progress=not args.no_progress)
     data = OfflineData.from_minari(load_dataset(dataset_id(args.env, args.quality), download=False))
+    if data.ref_min_score is not None:
+        budget += (f" Scores: 100 x (return - {data.ref_min_score:.1f}) / ({data.ref_max_score:.1f} - "
+                   f"{data.ref_min_score:.1f}), the dataset's own random and expert returns, not D4RL's: not "
+                   "comparable to published scores, and above 100 where a policy beats that expert.")
     needs_bc = any(m in DIFFUSION_METHODS for m in args.methods) or not args.no_rollout_ratio
     bc = gbc = None
     if not args.assemble and needs_bc:

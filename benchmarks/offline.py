@@ -267,7 +267,7 @@ def write_outputs(report: dict, out: Path) -> None:
     res = report["results"]
     agents = sorted({a for q in res.values() for a in q}, key=lambda a: DEFAULT_AGENTS.index(a)
                     if a in DEFAULT_AGENTS else 99)
-    lines = [f"# Offline benchmark: {report['env']} (D4RL-normalised score, mean ± std over seeds)", ""]
+    lines = [f"# Offline benchmark: {report['env']} (D4RL-style normalised score, mean ± std over seeds)", ""]
     lines.append("| agent | " + " | ".join(res) + " | train s | latency ms/action |")
     lines.append("|---|" + "---:|" * (len(res) + 2))
     for a in agents:
@@ -371,7 +371,9 @@ def main(argv=None):
     budget = (f"Budget: {args.steps} gradient steps per run, batch {args.batch}, evaluation every {args.eval_every} "
               f"steps on {args.eval_episodes} episodes; score: the final checkpoint on {args.final_episodes} episodes; "
               f"datasets: {args.transitions} transitions (medium-replay: the SB3 "
-              f"SAC replay buffer up to the medium checkpoint of a {args.behaviour_steps}-step run).")
+              f"SAC replay buffer up to the medium checkpoint of a {args.behaviour_steps}-step run). Scores "
+              "use the datasets' own reference returns (a random policy; the behaviour run's best checkpoint as "
+              "expert), not D4RL's: they are not comparable to published scores.")
     if not args.assemble:
         data = {}
         for q in args.qualities:
