@@ -2,24 +2,28 @@
 
 Advantage-weighted regression (Peng et al. 2019, Alg. 1) with the diffusion loss in place of
 the log-likelihood (Ren et al. 2024, App. B "DAWR"), with the replay of DPPO's code
-(``train_awr_diffusion_agent.py``): the exploring chain's transitions of the last
-``buffer_iterations`` iterations are kept (first in, first out). Every iteration, on that buffer:
+(``train_awr_diffusion_agent.py``): the exploring chain's last ``buffer_size`` transitions are kept
+(first in, first out, whole iterations: ``ceil(buffer_size / frames)`` of them, ``frames`` the
+transitions one iteration collects). Every iteration, on that buffer:
 
 1. TD(lambda) value targets with the current critic (TorchRL's GAE), and
    ``replay_ratio x frames / batch_size / critic_update_ratio`` critic steps on minibatches drawn
-   with replacement (``frames``: the transitions one iteration collects);
+   with replacement;
 2. GAE advantages with the updated critic, standardised, and ``replay_ratio x frames / batch_size``
    actor steps of ``exp(beta A)``-weighted denoising regression (weights clipped at ``max_weight``)
    on the executed actions, minibatches drawn with replacement.
 
 Defaults are DPPO's Hopper values: beta 10, max weight 100, batch 1000, replay ratio 64, critic
-update ratio 4, and a buffer of 10 iterations (their 5000 steps of 500-step iterations).
+update ratio 4, and a buffer of 200k transitions (their 5000 steps of 40 envs: as many transitions
+and as many actor steps since the oldest one was collected as theirs, whatever the iteration size).
 Differences from that code, all small: rewards are divided by the running std of the discounted
 return (their fixed x0.01; stored rewards are rescaled with the latest statistics at each update);
 the advantages are standardised over the buffer (theirs: per minibatch); GAE runs within each
-stored iteration, bootstrapping at its end and cutting at time limits (theirs: TD(lambda) across the
-whole buffer, time limits treated as terminal). Checkpoints hold the buffer, so a resumed run
-continues the same algorithm.
+stored iteration, bootstrapping at its end and cutting at time limits (theirs: TD(lambda) with its
+TD errors scaled by 0.95 across the whole buffer, time limits treated as terminal); the critic
+samples the whole buffer (theirs draws indices below 5000, the buffer's length in vector steps,
+so only its oldest 5000 transitions). Checkpoints hold the buffer (about 30 MB for Hopper at the
+defaults), so a resumed run continues the same algorithm.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ _KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), (
 class DAWRConfig(OnlineChainConfig):
     beta: float = 10.0
     max_weight: float = 100.0
-    buffer_iterations: int = 10         # iterations of transitions replayed (DPPO: 5000 steps / 500 per iteration)
+    buffer_size: int = 200_000          # transitions replayed (DPPO: 5000 steps x 40 envs), whole iterations
     replay_ratio: float = 64.0          # actor steps per iteration = replay_ratio * frames / batch_size
     critic_update_ratio: int = 4        # critic steps = actor steps / critic_update_ratio
     batch_size: int = 1000
@@ -61,11 +65,12 @@ class DAWR(OnlineChainAgent):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         c = self.config
-        if c.buffer_iterations < 1 or c.critic_update_ratio < 1 or c.replay_ratio <= 0:
-            raise ValueError(f"buffer_iterations and critic_update_ratio must be >= 1 and replay_ratio > 0, got "
-                             f"{c.buffer_iterations}, {c.critic_update_ratio}, {c.replay_ratio}")
+        if c.buffer_size < 1 or c.critic_update_ratio < 1 or c.replay_ratio <= 0:
+            raise ValueError(f"buffer_size and critic_update_ratio must be >= 1 and replay_ratio > 0, got "
+                             f"{c.buffer_size}, {c.critic_update_ratio}, {c.replay_ratio}")
         self.scaler = RunningReturnScaler(c.num_envs, c.gamma)
-        self.buffer: collections.deque = collections.deque(maxlen=c.buffer_iterations)  # [E, T] each, raw rewards
+        iterations = -(-c.buffer_size // (c.num_envs * c.steps_per_iter))
+        self.buffer: collections.deque = collections.deque(maxlen=iterations)  # [E, T] each, raw rewards
 
     def _replay(self) -> TensorDict:
         """The buffer as ``[k, E, T]`` (GAE runs along ``T``, within each iteration), rewards scaled."""
@@ -108,4 +113,4 @@ class DAWR(OnlineChainAgent):
         saved = state.get("buffer", None)
         if saved is not None:
             stacked = TensorDict(saved, batch_size=saved["observation"].shape[:3])
-            self.buffer.extend(stacked.unbind(0))
+            self.buffer.extend(entry.clone() for entry in stacked.unbind(0))

@@ -101,8 +101,9 @@ def with_scaled_rewards(td, scaler, enabled: bool = True):
 
 
 def explained_variance(pred: Tensor, target: Tensor) -> float:
-    """``1 - Var[target - pred] / Var[target]`` (nan when the target is constant); the agents pass the
-    critic's values on the collected batch (``state_value``, written by GAE) before the update."""
+    """``1 - Var[target - pred] / Var[target]`` (nan when the target is constant): how much of the value
+    targets' variance the critic explains (DPPO, Gaussian PPO: its values on the collected batch before
+    the update; DAWR: the trained critic's on its whole replay)."""
     pred, target = pred.reshape(-1), target.reshape(-1)
     var = target.var()
     return float("nan") if float(var) == 0 else float(1 - (target - pred).var() / var)

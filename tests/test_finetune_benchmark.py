@@ -38,7 +38,7 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
     runs = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("seed0.json"))
     assert len(runs) == len(bench.METHODS)
     recorded = {p.parent.name: json.loads((tmp_path / "out" / p).read_text()).get("agent_config") for p in runs}
-    assert recorded["dppo"]["ft_steps"] == 3 and recorded["dawr"]["buffer_iterations"] == 10  # which settings ran
+    assert recorded["dppo"]["ft_steps"] == 3 and recorded["dawr"]["buffer_size"] == 200_000  # which settings ran
     assert recorded["sb3_ppo"] is None
     md = (tmp_path / "out" / "finetune.md").read_text()
     assert "target <= 1.3)" in md and "smoke settings" not in md and rep["rollout"]["smoke"] is False

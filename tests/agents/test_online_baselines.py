@@ -50,11 +50,11 @@ def _walk_batch(E, T, seed):
 
 
 def test_dawr_replays_its_last_iterations_with_the_papers_update_counts():
-    """DPPO's AWR code: a FIFO buffer of iterations; replay_ratio x frames / batch actor steps and
-    a quarter as many critic steps per iteration, on minibatches drawn from the whole buffer."""
+    """DPPO's AWR code: a FIFO buffer of whole iterations (buffer_size transitions, rounded up);
+    replay_ratio x frames / batch actor steps and a quarter as many critic steps per iteration."""
     torch.manual_seed(0)
     agent = DAWR.from_diffusion_bc(DiffusionBC(1, 1, hidden=8, depth=1), num_envs=2, steps_per_iter=5,
-                                   buffer_iterations=3, replay_ratio=8, critic_update_ratio=4, batch_size=4)
+                                   buffer_size=25, replay_ratio=8, critic_update_ratio=4, batch_size=4)
     steps = {"actor": 0, "critic": 0}
     for name in steps:
         opt = getattr(agent, f"{name}_opt")
@@ -75,8 +75,8 @@ def test_dawr_scales_the_whole_buffer_with_the_latest_return_statistics():
     from diffpolicy.advantage import RunningReturnScaler
 
     torch.manual_seed(0)
-    agent = DAWR.from_diffusion_bc(DiffusionBC(1, 1, hidden=8, depth=1), num_envs=2, buffer_iterations=2,
-                                   replay_ratio=1, batch_size=8)
+    agent = DAWR.from_diffusion_bc(DiffusionBC(1, 1, hidden=8, depth=1), num_envs=2, steps_per_iter=5,
+                                   buffer_size=20, replay_ratio=1, batch_size=8)
     reference = RunningReturnScaler(2, agent.config.gamma)
     for seed in range(3):
         b = _walk_batch(2, 5, seed)
@@ -90,12 +90,39 @@ def test_dawr_scales_the_whole_buffer_with_the_latest_return_statistics():
     assert reference.state_dict()["var"] == before["var"] and reference.state_dict()["count"] == before["count"]
 
 
+def test_dawr_weights_come_from_gae_within_each_iteration_with_the_trained_critic():
+    """The actor's weights: GAE along each stored iteration's time axis, on rewards scaled with the
+    latest statistics, with the critic after this iteration's critic steps; standardised over the buffer."""
+    from diffpolicy.advantage import env_gae, reward_weights
+
+    torch.manual_seed(0)
+    agent = DAWR.from_diffusion_bc(DiffusionBC(1, 1, hidden=8, depth=1), num_envs=2, steps_per_iter=5,
+                                   buffer_size=30, replay_ratio=2, batch_size=8, beta=0.5, gamma=0.9, gae_lambda=0.8)
+    for seed in range(2):
+        agent.update(_walk_batch(2, 5, seed))
+    seen = {}
+    fit = agent.fit_weighted
+    agent.fit_weighted = lambda obs, act, w, batches: (seen.update(obs=obs, w=w), fit(obs, act, w, batches))[1]
+    agent.update(_walk_batch(2, 5, 2))
+    std = (agent.scaler.var + agent.scaler.eps) ** 0.5
+    advantages = []
+    for seed in range(3):  # by hand: each iteration alone, [E, T], with the critic as it is now
+        it = _walk_batch(2, 5, seed).select("observation", "action", "next")
+        it["next", "reward"] = it["next", "reward"] / std
+        advantages.append(env_gae(it, agent.critic, gamma=0.9, lmbda=0.8)["advantage"])
+    adv = torch.stack(advantages).reshape(-1)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    torch.testing.assert_close(seen["obs"], torch.stack([_walk_batch(2, 5, s)["observation"] for s in range(3)])
+                               .reshape(-1, 1))
+    torch.testing.assert_close(seen["w"], reward_weights(adv, 0.5, agent.config.max_weight))
+
+
 def test_dawr_resumes_with_its_buffer(tmp_path):
     from diffpolicy.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
-    make = lambda: DAWR.from_diffusion_bc(DiffusionBC(1, 1, hidden=8, depth=1), num_envs=2, buffer_iterations=3,
-                                          replay_ratio=2, batch_size=8)  # noqa: E731
+    make = lambda: DAWR.from_diffusion_bc(DiffusionBC(1, 1, hidden=8, depth=1), num_envs=2, steps_per_iter=5,
+                                          buffer_size=30, replay_ratio=2, batch_size=8)  # noqa: E731
     agent = make()
     for seed in range(2):
         agent.update(_walk_batch(2, 5, seed))
@@ -131,7 +158,7 @@ def _tiny_bc(seed=0):
 
 @pytest.mark.parametrize("cls, settings", [
     (DRWR, dict(beta=2.0, update_epochs=4, batch_size=64)),
-    (DAWR, dict(beta=2.0, batch_size=64, replay_ratio=4, buffer_iterations=4)),
+    (DAWR, dict(beta=2.0, batch_size=64, replay_ratio=4, buffer_size=1024)),
 ])
 def test_reward_weighted_regression_learns_a_one_step_task(cls, settings):
     agent = cls.from_diffusion_bc(_tiny_bc(), num_envs=8, steps_per_iter=32, actor_lr=3e-3, **settings)
