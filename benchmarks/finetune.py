@@ -372,10 +372,11 @@ def main(argv=None):
     p.add_argument("--denoising-steps", type=int, default=20, help="K of the pre-trained diffusion BC (DPPO: 20)")
     p.add_argument("--ft-steps", type=int, default=10, help="DPPO's fine-tuned last denoising steps (DPPO: 10)")
     p.add_argument("--dppo-clip", type=float, default=None, help="DPPO's PPO clip, flat over the fine-tuned steps "
-                   "(default: DPPOConfig's 0.01); use a separate --out / --runs for such sensitivity runs")
+                   "(default: DPPOConfig's 0.1; the paper's 40x500-decision iterations use 0.01); use a separate --out / "
+                   "--runs for such sensitivity runs")
     p.add_argument("--dppo-actor-lr", type=float, default=None, help="DPPO's actor learning rate (default 1e-4)")
     p.add_argument("--gaussian-clip", type=float, default=None, help="Gaussian PPO's clip (default: GaussianPPOConfig's "
-                   "0.2, standard PPO; the DPPO paper's Gaussian fine-tuning baselines use DPPO's 0.01); a separate "
+                   "0.2, standard PPO; the DPPO paper's Gaussian fine-tuning baselines use its Gym clip 0.01); a separate "
                    "--out / --runs, as for --dppo-clip")
     p.add_argument("--action-chunk", type=int, default=4, help="actions per diffusion decision (DPPO: 4)")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
