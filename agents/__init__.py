@@ -220,11 +220,14 @@ def load_agent(run_dir):
 def _json_settings(cls, settings: dict) -> dict:
     """Settings read back from config.json, typed as the agent's config fields (lists -> tuples).
     Settings the agent has since retired (``cls.retired_settings``: training-only knobs of an older
-    version of its update) are dropped, so older runs still load for acting."""
+    version of its update) are dropped, and settings added since with a default that would change
+    an older run's network take the value that run was built with (``cls.legacy_settings``), so
+    older runs still load for acting."""
     import dataclasses
 
     from diffpolicy.config import load_config
 
     retired = getattr(cls, "retired_settings", ())
+    settings = {**getattr(cls, "legacy_settings", {}), **settings}
     cfg = load_config(cls.config_class, **{k: v for k, v in settings.items() if k not in retired})
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

@@ -17,6 +17,7 @@ from observation histories and action chunks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["OfflineAgent", "AgentConfig", "mlp"]
+__all__ = ["OfflineAgent", "AgentConfig", "mlp", "eval_mode"]
 
 
 @dataclasses.dataclass
@@ -140,6 +141,17 @@ class OfflineAgent(nn.Module):
             if k in opts:
                 o.load_state_dict(opts[k])
         return out
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` in eval mode for the block (no dropout, no label dropout), then back to its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def mlp(d_in: int, d_out: int, hidden: int = 256, depth: int = 2, activation: type[nn.Module] = nn.ReLU,

@@ -24,7 +24,7 @@ from diffpolicy.losses import diffusion_loss, masked_diffusion_loss
 from diffpolicy.nets import MLPDenoiser
 from diffpolicy.samplers import sample
 
-from .base import AgentConfig, OfflineAgent
+from .base import AgentConfig, OfflineAgent, eval_mode
 
 __all__ = ["DiffusionBC", "DiffusionBCConfig", "make_action_denoiser"]
 
@@ -37,6 +37,8 @@ class DiffusionBCConfig(AgentConfig):
     activation: str = "mish"
     residual: bool = False
     layer_norm: bool = False
+    expansion: int = 1              # residual blocks' inner width / hidden (IDQL: 4)
+    dropout: float = 0.0            # at each residual block's input, training only (IDQL: 0.1)
     diffusion_steps: int = 5
     prediction: str = "eps"
     sampler: str = "ddpm"
@@ -57,7 +59,7 @@ def make_action_denoiser(obs_dim: int, act_dim: int, cfg: DiffusionBCConfig) -> 
     on the discrete ``beta_schedule`` with ``diffusion_steps`` steps."""
     net = MLPDenoiser(act_dim * cfg.horizon, obs_dim=obs_dim, hidden=cfg.hidden, depth=cfg.depth,
                       time_dim=cfg.time_dim, activation=cfg.activation, residual=cfg.residual,
-                      layer_norm=cfg.layer_norm)
+                      layer_norm=cfg.layer_norm, expansion=cfg.expansion, dropout=cfg.dropout)
     return Denoiser(net, S.DiscreteVP(cfg.diffusion_steps, beta_schedule=cfg.beta_schedule), cfg.prediction)
 
 
@@ -117,11 +119,13 @@ class DiffusionBC(OfflineAgent):
 
     # ------------------------------------------------------------------ acting
     def sample_actions(self, obs: Tensor, *, ema: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """One action (a flattened ``horizon``-chunk) per row of ``obs`` drawn by the reverse chain, in ``[-1, 1]``."""
+        """One action (a flattened ``horizon``-chunk) per row of ``obs`` drawn by the reverse chain, in ``[-1, 1]``;
+        the model runs in eval mode (IDQL's dropout acts in training only)."""
         model = self.ema.module if ema else self.actor
-        a = sample(model, (obs.shape[0], self.act_dim * self.config.horizon), self.config.diffusion_steps,
-                   self.config.sampler, cond=obs, clip_x0=1.0, generator=generator, device=obs.device,
-                   temperature=self.config.temperature)
+        with eval_mode(model):
+            a = sample(model, (obs.shape[0], self.act_dim * self.config.horizon), self.config.diffusion_steps,
+                       self.config.sampler, cond=obs, clip_x0=1.0, generator=generator, device=obs.device,
+                       temperature=self.config.temperature)
         return a.clamp(-1.0, 1.0)
 
     @torch.no_grad()

@@ -4,7 +4,10 @@
   :func:`diffpolicy.agents.iql.make_iql_critic_loss`), expectile ``tau = 0.7``, soft target
   updates; trained independently of the actor.
 * Actor: diffusion BC of the behaviour policy ``mu(a | s)`` (:class:`~diffpolicy.agents.diffusion_bc.DiffusionBC`);
-  IDQL's LN-ResNet denoiser (3 residual blocks of width 256 with LayerNorm), 5 VP steps.
+  the denoiser of their code (``MLPResNet``): 3 pre-LayerNorm residual blocks of width 256 with a
+  1024-wide inner layer, dropout 0.1 and swish, time through 128 features and an MLP (theirs:
+  learnable Fourier features, ours sinusoidal); 5 VP steps. Not theirs: constant learning rate
+  (theirs: AdamW with cosine decay over the run) and the benchmark's shared batch of 256 (theirs 512).
 * Acting: draw ``candidates`` actions from ``mu`` and pick one. ``selection="argmax"`` (the
   default) takes the candidate of highest ``min(Q_1, Q_2)``, as the authors' code evaluates
   (``eval_actions`` of their DDPM-IQL learner, N = 64). The paper's implicit-policy resampling
@@ -45,7 +48,10 @@ def quantile_weights(q: Tensor, v: Tensor, tau: float, eps: float = 1e-6) -> Ten
 @dataclasses.dataclass
 class IDQLConfig(DiffusionBCConfig):
     residual: bool = True
-    layer_norm: bool = True
+    expansion: int = 4
+    dropout: float = 0.1
+    activation: str = "silu"
+    time_dim: int = 128
     expectile: float = 0.7
     tau: float = 0.005
     critic_hidden: int = 256
@@ -63,6 +69,8 @@ class IDQL(DiffusionBC):
     name = "idql"
     config_class = IDQLConfig
     reward_normalization = "return_range"  # IQL's MuJoCo setting: rewards x 1000 / (max - min episode return)
+    # runs recorded before the blocks had these settings were built without them (3x256 blocks, no dropout)
+    legacy_settings = {"expansion": 1, "dropout": 0.0}
     acting_fields = ("candidates", "selection", "sampler", "temperature")  # the actor is plain BC
 
     def __init__(self, obs_dim: int, act_dim: int, config: IDQLConfig | None = None, **overrides):

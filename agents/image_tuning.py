@@ -29,6 +29,8 @@ from diffpolicy.denoiser import DenoiserBase
 from diffpolicy.images.rewards import Reward
 from diffpolicy.samplers import prior
 
+from .base import eval_mode
+
 __all__ = ["ImageRewardTuner", "ImageTuneConfig"]
 
 
@@ -106,10 +108,8 @@ class ImageRewardTuner:
         g = torch.Generator().manual_seed(seed)
         context = self.contexts(n, g)
         model = self.model if model is None else model
-        was_training = model.training
-        model.eval()
-        td = rollout(model, self.noise(n, g), self.ts, context, eta=self.config.eta, reduction=None, generator=g)
-        model.train(was_training)
+        with eval_mode(model):
+            td = rollout(model, self.noise(n, g), self.ts, context, eta=self.config.eta, reduction=None, generator=g)
         return td["next", "x"][:, -1].clamp(-1, 1), context
 
     def evaluate(self, n: int = 256, seed: int = 0, model: DenoiserBase | None = None) -> dict[str, float]:

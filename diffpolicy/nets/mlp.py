@@ -2,8 +2,9 @@
 
 Wang, Hunt & Zhou (2023), "Diffusion Policies as an Expressive Policy Class for
 Offline Reinforcement Learning" (Diffusion-QL): a 3x256 Mish MLP on
-``concat(x, time_embedding, obs)``.  The optional residual variant follows the
-idea of the pre-LayerNorm ``LN_Resnet`` of Hansen-Estruch et al. (2023), IDQL.
+``concat(x, time_embedding, obs)``.  The optional residual variant is the
+pre-LayerNorm ``MLPResNet`` of Hansen-Estruch et al. (2023), IDQL (their code's
+``MLPResNetBlock``: dropout, LayerNorm, a ``4 x width`` inner layer).
 """
 
 from __future__ import annotations
@@ -41,18 +42,24 @@ def _dense(d_in: int, d_out: int, layer_norm: bool) -> nn.Module:
 
 
 class ResidualBlock(nn.Module):
-    """Pre-LayerNorm residual MLP block ``x + W2 act(W1 LN(x))`` (IDQL's LN_Resnet idea).
+    """Pre-LayerNorm residual MLP block ``x + W2 act(W1 LN(dropout(x)))``, ``W1`` to
+    ``expansion x width`` (IDQL's ``MLPResNetBlock``: expansion 4, dropout 0.1).
 
     Shapes: ``[B, width]`` -> ``[B, width]``.
     """
 
-    def __init__(self, width: int, activation: str, layer_norm: bool = False):
+    def __init__(self, width: int, activation: str, layer_norm: bool = False, expansion: int = 1,
+                 dropout: float = 0.0):
         super().__init__()
+        if expansion < 1 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"expansion must be >= 1 and dropout in [0, 1), got {expansion}, {dropout}")
+        inner = width * expansion
         self.net = nn.Sequential(
+            *([nn.Dropout(dropout)] if dropout > 0 else []),
             nn.LayerNorm(width),
-            _dense(width, width, layer_norm),
+            _dense(width, inner, layer_norm),
             make_activation(activation),
-            nn.Linear(width, width),
+            nn.Linear(inner, width),
         )
 
     def forward(self, h: Tensor) -> Tensor:
@@ -78,6 +85,8 @@ class MLPDenoiser(nn.Module):
             blocks of width ``hidden`` instead of a plain MLP.
         layer_norm: add a LayerNorm after each hidden Linear (in residual mode,
             after the first Linear of every block).
+        expansion: residual mode: the inner width of every block, in multiples of ``hidden``.
+        dropout: residual mode: dropout at the input of every block (training mode only).
     """
 
     def __init__(
@@ -90,16 +99,20 @@ class MLPDenoiser(nn.Module):
         activation: str = "mish",
         residual: bool = False,
         layer_norm: bool = False,
+        expansion: int = 1,
+        dropout: float = 0.0,
     ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        if not residual and (expansion != 1 or dropout != 0.0):
+            raise ValueError("expansion and dropout are settings of the residual blocks: set residual=True")
         self.x_dim, self.obs_dim = x_dim, obs_dim
         self.time_embed = TimeEmbedding(time_dim, 2 * time_dim)
         in_dim = x_dim + time_dim + obs_dim
         if residual:
             layers = [nn.Linear(in_dim, hidden)]
-            layers += [ResidualBlock(hidden, activation, layer_norm) for _ in range(depth)]
+            layers += [ResidualBlock(hidden, activation, layer_norm, expansion, dropout) for _ in range(depth)]
             layers.append(make_activation(activation))
         else:
             layers = []

@@ -233,6 +233,39 @@ def test_idql_critic_learns_and_selection_prefers_high_q(pendulum_data):
     assert agent.act(torch.zeros(4, 3)).shape == (4, 1)
 
 
+def test_idql_builds_the_actor_of_its_code_and_older_runs_load_theirs():
+    """Their MLPResNet (3 blocks of 256 with 1024-wide inner layers, dropout 0.1, swish); runs recorded
+    before those settings existed rebuild the narrower network they were trained with."""
+    import dataclasses
+
+    from diffpolicy.agents import _json_settings
+    from diffpolicy.agents.idql import IDQL, IDQLConfig
+    from diffpolicy.nets.mlp import ResidualBlock
+
+    agent = IDQL(11, 3)
+    blocks = [m for m in agent.actor.net.body if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 3 and blocks[0].net[2].out_features == 1024 and blocks[0].net[0].p == 0.1
+    assert type(blocks[0].net[3]).__name__ == "SiLU"
+    recorded = dataclasses.asdict(IDQLConfig(layer_norm=True, activation="mish", time_dim=16))
+    old = {k: v for k, v in recorded.items() if k not in ("expansion", "dropout")}
+    settings = _json_settings(IDQL, old)
+    assert (settings["expansion"], settings["dropout"]) == (1, 0.0)
+    narrow = IDQL(11, 3, **settings)
+    layout = [type(m).__name__ for m in narrow.actor.net.body[1].net]
+    assert layout == ["LayerNorm", "Sequential", "Mish", "Linear"]  # no dropout, 256 -> 256 (+ LayerNorm) blocks
+    assert narrow.actor.net.body[1].net[1][0].out_features == 256
+    assert _json_settings(IDQL, recorded)["expansion"] == 4  # a run that records the setting keeps it
+
+
+def test_acting_never_drops_out():
+    torch.manual_seed(0)
+    agent = make_agent("idql", 3, 2, hidden=16, depth=1, temperature=0.0, sampler="ddim", dropout=0.5)
+    assert agent.training  # a fresh agent, in training mode
+    obs = torch.randn(6, 3)
+    torch.testing.assert_close(agent.act(obs), agent.act(obs))
+    assert agent.training and agent.ema.module.training  # the mode is restored after acting
+
+
 def test_idql_resampling_prefers_high_q(monkeypatch):
     """Uniform behaviour candidates and a critic preferring a -> +1 (V = 0): the picks move right."""
     import diffpolicy.agents.idql as idql

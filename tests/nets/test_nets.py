@@ -284,6 +284,28 @@ def test_unknown_activation_lists_valid_ones():
 # --------------------------------------------------------------------------- learning / gradients
 
 
+def test_residual_blocks_widen_and_drop_out_like_idqls_mlpresnet():
+    """IDQL's MLPResNetBlock: dropout -> LayerNorm -> Linear(w, 4w) -> act -> Linear(4w, w), plus the input."""
+    net = make_mlp(True, residual=True, expansion=4, dropout=0.5, depth=2)
+    block = net.body[1]
+    assert [type(m).__name__ for m in block.net] == ["Dropout", "LayerNorm", "Linear", "Mish", "Linear"]
+    assert (block.net[2].in_features, block.net[2].out_features, block.net[4].out_features) == (32, 128, 32)
+    h = torch.randn(5, 32)
+    block.eval()
+    torch.testing.assert_close(block(h), h + block.net[4](block.net[3](block.net[2](block.net[1](h)))))
+    x, t, c = sample_x("mlp", 8), torch.full((8,), 3.0), sample_cond("mlp", 8)
+    net.train()
+    assert not torch.allclose(net(x, t, c), net(x, t, c))  # dropout draws anew in training mode
+    net.eval()
+    torch.testing.assert_close(net(x, t, c), net(x, t, c))
+    # without dropout the blocks keep their parameter names: checkpoints from before still load
+    assert "body.1.net.0.weight" in make_mlp(True, residual=True).state_dict()  # the LayerNorm
+    with pytest.raises(ValueError, match="set residual=True"):
+        make_mlp(True, expansion=4)
+    with pytest.raises(ValueError, match="dropout in"):
+        make_mlp(True, residual=True, dropout=1.0)
+
+
 def test_mlp_overfits_fixed_batch():
     net = MLPDenoiser(x_dim=3, obs_dim=OBS)
     x, cond = torch.randn(64, 3), torch.randn(64, OBS)
