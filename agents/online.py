@@ -75,7 +75,7 @@ class OnlineChainConfig:
     gae_lambda: float = 0.95
     actor_lr: float = 1e-4
     critic_lr: float = 1e-3
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0   # actor and critic (DPPO's Gym configs clip neither; Adam makes it mild)
     critic_hidden: int = 256
     critic_depth: int = 3
 
