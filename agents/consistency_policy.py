@@ -322,8 +322,14 @@ class ConsistencyDistilledBC(ConsistencyBC):
             teacher = teacher.ema.module
         super().__init__(obs_dim, act_dim, config, schedule=teacher.schedule, **overrides)
         # a frozen private copy: moves with .to(device), makes checkpoints self-contained
-        self.teacher = copy.deepcopy(teacher).requires_grad_(False)
+        self.teacher = copy.deepcopy(teacher).requires_grad_(False).eval()  # eval for good: see train()
         self.teacher.schedule.timesteps(self.grid_size())  # a clear error now for a grid the schedule lacks
+
+    def train(self, mode: bool = True):
+        """The teacher stays in eval mode (a teacher trained with dropout gives its targets without it)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
 
     def grid_size(self) -> int:
         n = self.config.cd_num_scales

@@ -5,8 +5,9 @@
   updates; trained independently of the actor.
 * Actor: diffusion BC of the behaviour policy ``mu(a | s)`` (:class:`~diffpolicy.agents.diffusion_bc.DiffusionBC`);
   the denoiser of their code (``MLPResNet``): 3 pre-LayerNorm residual blocks of width 256 with a
-  1024-wide inner layer, dropout 0.1 and swish, time through 128 features and an MLP (theirs:
-  learnable Fourier features, ours sinusoidal); 5 VP steps. Not theirs: constant learning rate
+  1024-wide inner layer, dropout 0.1 (training only) and swish; 5 VP steps. Time goes through 128
+  sinusoidal features and a Mish MLP back to 128 (theirs: 128 learnable Fourier features, a swish
+  MLP to 256). Not theirs: constant learning rate
   (theirs: AdamW with cosine decay over the run) and the benchmark's shared batch of 256 (theirs 512).
 * Acting: draw ``candidates`` actions from ``mu`` and pick one. ``selection="argmax"`` (the
   default) takes the candidate of highest ``min(Q_1, Q_2)``, as the authors' code evaluates

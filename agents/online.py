@@ -165,8 +165,8 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
         if not 1 <= ft <= K:
             raise ValueError(f"ft_steps must be in [1, {K}] (the chain has {K} steps), got {c.ft_steps}")
         self.config, self.obs_dim, self.act_dim, self.K, self.ft = c, obs_dim, act_dim, K, ft
-        self.actor = copy.deepcopy(actor).requires_grad_(True)
-        self.base = copy.deepcopy(actor).requires_grad_(False)
+        self.actor = copy.deepcopy(actor).requires_grad_(True).eval()  # eval for good: see train()
+        self.base = copy.deepcopy(actor).requires_grad_(False).eval()
         grid = (actor.schedule.timesteps(K) if c.chain_steps is None
                 else chain_grid(actor.schedule, K, c.chain_spacing))
         self.register_buffer("ts", torch.as_tensor(grid, dtype=torch.float64))
@@ -174,6 +174,15 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
         self.iterations = 0
+
+    def train(self, mode: bool = True):
+        """The mode reaches the critic; the denoisers stay in eval mode (a BC trained with dropout, e.g.
+        IDQL's, acts and is scored without it), so collection, re-scored log-probs and evaluation all
+        run the same deterministic network."""
+        super().train(mode)
+        self.actor.eval()
+        self.base.eval()
+        return self
 
     def build_critic(self) -> nn.Module:
         """A state-value critic ``V(s)`` (TorchRL ``ValueOperator``, Mish MLP); QSM overrides it with a ``Q(s, a)``."""

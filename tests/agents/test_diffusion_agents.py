@@ -266,6 +266,43 @@ def test_acting_never_drops_out():
     assert agent.training and agent.ema.module.training  # the mode is restored after acting
 
 
+def test_an_old_idql_run_resumes_with_the_network_it_was_built_with(pendulum_data, tmp_path):
+    """A run recorded before ``expansion`` / ``dropout`` existed was built narrow (legacy_settings): it
+    resumes with those values, not the later defaults, and loads for acting."""
+    import json
+
+    from diffpolicy.agents import load_agent
+
+    old = dict(hidden=16, depth=1, critic_hidden=16, time_dim=4, expansion=1, dropout=0.0)
+    cfg = TrainConfig(steps=10, eval_every=10, eval_episodes=1, log_every=10)
+    train_offline(make_agent("idql", 3, 1, **old), pendulum_data, cfg, run_dir=tmp_path, progress=False)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    del conf["agent_config"]["expansion"], conf["agent_config"]["dropout"]  # written before they existed
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    out = train_offline(make_agent("idql", 3, 1, **old), pendulum_data, dataclasses.replace(cfg, steps=20),
+                        run_dir=tmp_path, progress=False)
+    assert out["steps"] == 20 and load_agent(tmp_path).config.expansion == 1
+
+
+def test_a_teacher_or_a_fine_tuned_policy_never_drops_out():
+    """Dropout is for fitting a BC: a distillation teacher and an online agent's chain run without it."""
+    from diffpolicy.agents.dppo import DPPO
+
+    torch.manual_seed(0)
+    bc = make_agent("diffusion_bc", 3, 2, hidden=16, depth=1, residual=True, dropout=0.5)
+    student = make_agent("consistency_bc_cd", 3, 2, hidden=16, depth=1, teacher=bc)
+    online = DPPO.from_diffusion_bc(bc, num_envs=2, steps_per_iter=4)
+    for agent in (student, online):
+        agent.train()
+    assert not student.teacher.training and not online.actor.training and not online.base.training
+    assert online.critic.training  # the mode still reaches the rest
+    obs = torch.randn(5, 3)
+    torch.manual_seed(1)
+    a = online.explore(obs)
+    torch.manual_seed(1)
+    torch.testing.assert_close(online.explore(obs), a)  # the same noise gives the same chain: no dropout
+
+
 def test_idql_resampling_prefers_high_q(monkeypatch):
     """Uniform behaviour candidates and a critic preferring a -> +1 (V = 0): the picks move right."""
     import diffpolicy.agents.idql as idql
