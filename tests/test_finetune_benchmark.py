@@ -92,7 +92,7 @@ def test_the_clip_options_reach_the_agents():
                               dppo_actor_lr=None, gaussian_clip=None)
     default_g, default_d = bench.make_method("gaussian_ppo", bc, gbc, args), bench.make_method("dppo", bc, gbc, args)
     assert default_g.config.clip_epsilon == 0.2 and default_g.config.steps_per_iter == 10  # unchunked: 2 x 5 decisions
-    assert (default_d.config.clip_epsilon, default_d.config.ft_steps) == (0.01, 3)
+    assert (default_d.config.clip_epsilon, default_d.config.ft_steps) == (0.1, 3)  # DPPOConfig's default
     args.gaussian_clip, args.dppo_clip = 0.01, 0.02
     assert bench.make_method("gaussian_ppo", bc, gbc, args).config.clip_epsilon == 0.01
     dppo = bench.make_method("dppo", bc, gbc, args)
