@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["OfflineAgent", "AgentConfig", "mlp", "eval_mode"]
+__all__ = ["OfflineAgent", "AgentConfig", "mlp", "eval_mode", "EvalSubmodules"]
 
 
 @dataclasses.dataclass
@@ -152,6 +152,19 @@ def eval_mode(module: nn.Module):
         yield module
     finally:
         module.train(was_training)
+
+
+class EvalSubmodules:
+    """``nn.Module`` mixin: the submodules named in ``eval_submodules`` stay in eval mode whatever ``train()``
+    is asked (a distillation teacher, a fine-tuned chain: they act and are scored without dropout)."""
+
+    eval_submodules: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.eval_submodules:
+            getattr(self, name).eval()
+        return self
 
 
 def mlp(d_in: int, d_out: int, hidden: int = 256, depth: int = 2, activation: type[nn.Module] = nn.ReLU,

@@ -51,7 +51,7 @@ from diffpolicy.losses import consistency_distillation_loss, consistency_trainin
 from diffpolicy.nets import MLPDenoiser
 from diffpolicy.samplers import consistency_timesteps, prior, sample_consistency, tempered
 
-from .base import OfflineAgent
+from .base import EvalSubmodules, OfflineAgent
 from .critics import TwinCriticMixin, TwinQ, soft_update
 from .diffusion_bc import DiffusionBC, DiffusionBCConfig
 
@@ -280,7 +280,7 @@ class ConsistencyBC(OfflineAgent):
         return self.sample_actions(obs)
 
 
-class ConsistencyDistilledBC(ConsistencyBC):
+class ConsistencyDistilledBC(EvalSubmodules, ConsistencyBC):
     """Consistency-BC by consistency distillation (Song et al. 2023 Alg. 2) of a diffusion BC.
 
     The teacher is a :class:`DiffusionBC`'s EMA denoiser (eps-prediction on Diffusion-QL's 5-step
@@ -302,6 +302,7 @@ class ConsistencyDistilledBC(ConsistencyBC):
 
     name = "consistency_bc_cd"
     config_class = ConsistencyDistilledBCConfig
+    eval_submodules = ("teacher",)  # a teacher trained with dropout gives its targets without it
     loss_key = "loss_cd"
 
     def __init__(self, obs_dim: int, act_dim: int, config: ConsistencyDistilledBCConfig | None = None, *,
@@ -322,14 +323,8 @@ class ConsistencyDistilledBC(ConsistencyBC):
             teacher = teacher.ema.module
         super().__init__(obs_dim, act_dim, config, schedule=teacher.schedule, **overrides)
         # a frozen private copy: moves with .to(device), makes checkpoints self-contained
-        self.teacher = copy.deepcopy(teacher).requires_grad_(False).eval()  # eval for good: see train()
+        self.teacher = copy.deepcopy(teacher).requires_grad_(False).eval()  # eval for good: eval_submodules
         self.teacher.schedule.timesteps(self.grid_size())  # a clear error now for a grid the schedule lacks
-
-    def train(self, mode: bool = True):
-        """The teacher stays in eval mode (a teacher trained with dropout gives its targets without it)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def grid_size(self) -> int:
         n = self.config.cd_num_scales

@@ -47,7 +47,7 @@ from diffpolicy.runlog import (RunLogger, open_run, release_run, rng_state, set_
                               with_config_defaults)
 from diffpolicy.samplers import prior
 
-from .base import mlp
+from .base import EvalSubmodules, mlp
 from .trainer import NonFiniteLossError
 
 __all__ = ["OnlineChainConfig", "OnlineChainAgent", "OnlineCheckpoint", "OnlineConfig", "train_online", "check_policy_shapes",
@@ -132,7 +132,7 @@ class OnlineCheckpoint:
         self._load_extra_state(state)
 
 
-class OnlineChainAgent(OnlineCheckpoint, nn.Module):
+class OnlineChainAgent(OnlineCheckpoint, EvalSubmodules, nn.Module):
     """A pre-trained diffusion policy being fine-tuned online; subclasses define ``update``.
 
     ``actor`` is a state-conditioned action denoiser (``cond = observation``, actions in
@@ -147,6 +147,9 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
 
     name = "online"
     config_class = OnlineChainConfig
+    # the mode reaches the critic; the denoisers stay in eval (a BC trained with dropout, e.g. IDQL's, acts
+    # and is scored without it), so collection, re-scored log-probs and evaluation run one network
+    eval_submodules = ("actor", "base")
 
     def __init__(self, actor: DenoiserBase, obs_dim: int, act_dim: int, diffusion_steps: int, config=None, *,
                  action_chunk: int = 1, **overrides):
@@ -165,7 +168,7 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
         if not 1 <= ft <= K:
             raise ValueError(f"ft_steps must be in [1, {K}] (the chain has {K} steps), got {c.ft_steps}")
         self.config, self.obs_dim, self.act_dim, self.K, self.ft = c, obs_dim, act_dim, K, ft
-        self.actor = copy.deepcopy(actor).requires_grad_(True).eval()  # eval for good: see train()
+        self.actor = copy.deepcopy(actor).requires_grad_(True).eval()  # eval for good: eval_submodules
         self.base = copy.deepcopy(actor).requires_grad_(False).eval()
         grid = (actor.schedule.timesteps(K) if c.chain_steps is None
                 else chain_grid(actor.schedule, K, c.chain_spacing))
@@ -174,15 +177,6 @@ class OnlineChainAgent(OnlineCheckpoint, nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
         self.iterations = 0
-
-    def train(self, mode: bool = True):
-        """The mode reaches the critic; the denoisers stay in eval mode (a BC trained with dropout, e.g.
-        IDQL's, acts and is scored without it), so collection, re-scored log-probs and evaluation all
-        run the same deterministic network."""
-        super().train(mode)
-        self.actor.eval()
-        self.base.eval()
-        return self
 
     def build_critic(self) -> nn.Module:
         """A state-value critic ``V(s)`` (TorchRL ``ValueOperator``, Mish MLP); QSM overrides it with a ``Q(s, a)``."""
@@ -371,7 +365,7 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
 
     recorded = {"env_steps": cfg.env_steps, **({"pretrained": pretrained} if pretrained else {})}
     saved = open_run(run_path, run_config, json.loads(json.dumps(recorded, default=str)), load=load,
-                     fill_old=lambda old: with_config_defaults(old, a))  # settings added since: at their defaults
+                     fill_old=lambda old: with_config_defaults(old, a, legacy=getattr(type(agent), "legacy_settings", None)))  # settings added since: at their defaults
     if saved is not None:
         state = saved["state"]
         state.setdefault("env_steps_taken", state["env_steps"])  # a run from before it was counted: the upper bound

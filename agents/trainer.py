@@ -114,12 +114,9 @@ def train_offline(agent: OfflineAgent, data, config: TrainConfig | None = None, 
         "dataset": data.dataset_id, "env_id": env_id, "reward_scale": reward_scale,
         **({"drop_nonfinite": True} if getattr(data, "dropped_nonfinite", 0) else {}),  # how to open the data again
         **({"world_size": world} if world > 1 else {})}, default=str))
-    def fill_old(old):  # settings added to the agent since the run started: at their defaults, or at the
-        # values the run was built with where a later default would change its network (legacy_settings)
+    def fill_old(old):  # settings added to the agent since the run started: at their defaults (or legacy values)
         acting = {k: run_config["agent_config"][k] for k in agent.acting_fields}  # acting-only: may change
-        legacy = getattr(type(agent), "legacy_settings", {})
-        old = {**old, "agent_config": {**legacy, **old.get("agent_config", {})}} if legacy else old
-        return with_config_defaults(old, agent.config, acting)
+        return with_config_defaults(old, agent.config, acting, getattr(type(agent), "legacy_settings", None))
 
     sizes = {"obs_dim": agent.obs_dim, "act_dim": agent.act_dim}  # for load_agent; not compared on resume
     def load(s):

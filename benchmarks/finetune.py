@@ -35,7 +35,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -202,6 +201,7 @@ def run_one(name: str, env_id: str, data, bc, gbc, seed: int, args, run_root: Pa
             sources: dict | None = None) -> dict:
     """One (method, seed) run, or its finished result. ``sources``: the run directories of ``bc`` and
     ``gbc`` (``{"diffusion_bc": dir, "gaussian_bc": dir}``), recorded in the run's ``config.json``."""
+    from diffpolicy.agents import describe_agent
     from diffpolicy.agents.online import OnlineConfig, train_online
 
     result_path = result_root / name / f"seed{seed}.json"
@@ -224,7 +224,7 @@ def run_one(name: str, env_id: str, data, bc, gbc, seed: int, args, run_root: Pa
                            pretrained=pretrained_record(base, source) if source is not None else None)
         history = res["history"]
         out = {"env_steps": res["env_steps"], "seconds_per_iter": res["train_seconds"] / max(1, res["iterations"]),
-               "agent_config": json.loads(json.dumps(dataclasses.asdict(agent.config), default=str))}
+               "agent_config": describe_agent(agent)["agent_config"]}
     result = {"env": env_id, "method": name, "seed": seed, "env_steps": out["env_steps"],
               "scores": [h["score_mean"] for h in history], "steps": [h["env_steps"] for h in history],
               "final_score": history[-1]["score_mean"], "seconds_per_iter": out["seconds_per_iter"],

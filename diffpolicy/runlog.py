@@ -124,14 +124,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
-def with_config_defaults(old: dict, config, keep: dict | None = None) -> dict:
+def with_config_defaults(old: dict, config, keep: dict | None = None, legacy: dict | None = None) -> dict:
     """An older ``config.json`` completed for comparison: ``agent_config`` settings added since the run
-    started take ``config``'s dataclass defaults, and ``keep`` (settings that may change on a resume)
-    the current values. ``open_run``'s ``fill_old`` for the training loops."""
+    started take ``config``'s dataclass defaults, or ``legacy``'s values where a later default would
+    change the run's network (the agent's ``legacy_settings``), and ``keep`` (settings that may change
+    on a resume) the current values. ``open_run``'s ``fill_old`` for the training loops."""
     import dataclasses
 
     defaults = json.loads(json.dumps(dataclasses.asdict(type(config)()), default=str))
-    return {**old, "agent_config": {**defaults, **old.get("agent_config", {}), **(keep or {})}}
+    return {**old, "agent_config": {**defaults, **(legacy or {}), **old.get("agent_config", {}), **(keep or {})}}
 
 
 def open_run(run_dir, config: dict, budget: dict, *, fill_old=None, load=None) -> dict | None:
