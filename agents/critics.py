@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from diffpolicy.nets.activations import Mish
+
 from .base import mlp
 
 __all__ = ["TwinQ", "TwinCriticMixin", "clipped_double_q_loss", "soft_update", "select_by_q", "frozen"]
@@ -21,7 +23,7 @@ __all__ = ["TwinQ", "TwinCriticMixin", "clipped_double_q_loss", "soft_update", "
 class TwinQ(nn.Module):
     """Two independent ``Q(s, a)`` MLPs (``depth`` x ``hidden``, Mish as in Diffusion-QL)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 3, activation=nn.Mish):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 3, activation=Mish):
         super().__init__()
         self.q1 = mlp(obs_dim + act_dim, 1, hidden, depth, activation)
         self.q2 = mlp(obs_dim + act_dim, 1, hidden, depth, activation)

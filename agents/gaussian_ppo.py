@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from diffpolicy.advantage import RunningReturnScaler
+from diffpolicy.nets.activations import Mish
 
 from .base import mlp
 from .gaussian_bc import deterministic_action, tanh_normal_actor
@@ -62,7 +63,7 @@ class GaussianPPO(OnlineCheckpoint, nn.Module):
         self.actor = tanh_normal_actor(obs_dim, act_dim, c.hidden, c.depth, return_log_prob=True)
         if actor_state is not None:
             self.actor.load_state_dict(actor_state)
-        self.critic = ValueOperator(mlp(obs_dim, 1, c.critic_hidden, c.critic_depth, nn.Mish), in_keys=["observation"])
+        self.critic = ValueOperator(mlp(obs_dim, 1, c.critic_hidden, c.critic_depth, Mish), in_keys=["observation"])
         self.loss = ClipPPOLoss(self.actor, self.critic, clip_epsilon=c.clip_epsilon,
                                 entropy_bonus=c.entropy_coef > 0, entropy_coeff=c.entropy_coef,
                                 normalize_advantage=True, loss_critic_type="l2")  # MSE value loss, as DPPO's

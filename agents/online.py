@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from diffpolicy.chain import rollout
 from diffpolicy.chain_losses import RewardWeightedLoss
 from diffpolicy.denoiser import DenoiserBase
+from diffpolicy.nets.activations import Mish
 from diffpolicy.checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
 from diffpolicy.runlog import (RunLogger, open_run, release_run, rng_state, set_rng_state, set_seed,
                               with_config_defaults)
@@ -183,7 +184,7 @@ class OnlineChainAgent(OnlineCheckpoint, EvalSubmodules, nn.Module):
         from torchrl.modules import ValueOperator
 
         c = self.config
-        return ValueOperator(mlp(self.obs_dim, 1, c.critic_hidden, c.critic_depth, nn.Mish), in_keys=["observation"])
+        return ValueOperator(mlp(self.obs_dim, 1, c.critic_hidden, c.critic_depth, Mish), in_keys=["observation"])
 
     @classmethod
     def from_diffusion_bc(cls, bc, config=None, **overrides):

@@ -7,7 +7,8 @@ backpropagates through its 5-step chain), and for one image pre-training step of
 U-Net (16x16, batch 128, ``ddpm_v``). Three variants of each, as ``TrainConfig`` and
 ``ImagePretrainConfig`` run them: ``fp32``; ``bf16`` (``torch.autocast(bfloat16)`` around the
 update, weights float32); ``compile`` (``compile_networks`` / ``torch.compile`` of the networks,
-inductor). Each variant gets its own copy of the same initial weights, rounds interleave the
+inductor); ``nn_mish`` (fp32 with ``torch.nn.Mish`` in place of our exp-only
+:class:`diffpolicy.nets.activations.Mish`, to show what that buys). Each variant gets its own copy of the same initial weights, rounds interleave the
 variants in shuffled order after a warm-up (compilation happens there), and each timed call
 ends with a device synchronise; medians per step are reported with ratios to ``fp32``.
 
@@ -32,7 +33,7 @@ from tensordict import TensorDict
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, shared
 from timing import measure  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "compile")
+VARIANTS = ("fp32", "bf16", "compile", "nn_mish")
 OBS, ACT, BATCH = 11, 3, 256
 
 
@@ -42,6 +43,17 @@ def _batch(device, generator) -> TensorDict:
     return TensorDict({"observation": r(BATCH, OBS), "action": r(BATCH, ACT).clamp(-1, 1),
                        "next": {"observation": r(BATCH, OBS), "reward": r(BATCH, 1), "terminated": done,
                                 "done": done, "truncated": done}}, batch_size=[BATCH], device=device)
+
+
+def with_torch_mish(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every :class:`diffpolicy.nets.activations.Mish` swapped for ``torch.nn.Mish``."""
+    from diffpolicy.nets.activations import Mish
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Mish):
+                setattr(parent, name, torch.nn.Mish())
+    return module
 
 
 def agent_steps(name: str, device, variants) -> dict:
@@ -57,6 +69,8 @@ def agent_steps(name: str, device, variants) -> dict:
         agent = copy.deepcopy(base)
         if v == "compile":
             compile_networks(agent)
+        if v == "nn_mish":
+            with_torch_mish(agent)
         it = iter(range(10**9))
 
         def step(agent=agent, bf16=v == "bf16", it=it):
@@ -82,6 +96,8 @@ def image_steps(device, variants) -> dict:
         den = copy.deepcopy(base)
         if v == "compile":
             den.net.compile()
+        if v == "nn_mish":
+            with_torch_mish(den)
         opt, ema = torch.optim.Adam(den.parameters(), lr=cfg.lr), EMA(den, cfg.ema_decay, warmup=True)
 
         def step(den=den, opt=opt, ema=ema, bf16=v == "bf16"):

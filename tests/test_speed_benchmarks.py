@@ -1,5 +1,6 @@
 """The speed scripts run end to end on CPU and write what their docstrings promise (the figures
 themselves come from the scripts, not from tests)."""
+import copy
 import json
 
 import pytest
@@ -17,6 +18,22 @@ def test_train_step_benchmark_writes_ratios(load_benchmark, tmp_path):
         assert abs(res["ratio_vs_fp32"][job]["bf16"] - ms["bf16"] / ms["fp32"]) < 1e-3
     md = out.with_suffix(".md").read_text()
     assert "| diffusion_bc |" in md and "bf16/fp32" in md
+
+
+def test_train_step_nn_mish_variant_swaps_every_mish_and_keeps_outputs(load_benchmark):
+    import torch
+
+    from diffpolicy.agents import make_agent
+    from diffpolicy.nets.activations import Mish
+
+    bench = load_benchmark("train_step")
+    agent = make_agent("diffusion_ql", 11, 3)
+    swapped = bench.with_torch_mish(copy.deepcopy(agent))
+    kinds = lambda m: {type(c) for c in m.modules()}  # noqa: E731
+    assert Mish in kinds(agent) and Mish not in kinds(swapped) and torch.nn.Mish in kinds(swapped)
+    obs, act = torch.randn(5, 11), torch.rand(5, 3) * 2 - 1
+    for a, b in zip(agent.critic(obs, act), swapped.critic(obs, act)):
+        torch.testing.assert_close(a, b)
 
 
 def test_sampler_speed_benchmark_cpu(load_benchmark, tmp_path):

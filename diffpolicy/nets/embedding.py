@@ -13,6 +13,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .activations import Mish
+
 TimeLike = Union[Tensor, float, int]
 
 
@@ -97,7 +99,7 @@ class TimeEmbedding(nn.Module):
         self.net = nn.Sequential(
             SinusoidalEmbedding(dim),
             nn.Linear(dim, hidden),
-            nn.Mish(),
+            Mish(),
             nn.Linear(hidden, self.out_dim),
         )
 

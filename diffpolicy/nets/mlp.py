@@ -14,26 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .activations import ACTIVATIONS, make_activation  # noqa: F401  (re-exported)
 from .embedding import TimeEmbedding, TimeLike, broadcast_time
-
-ACTIVATIONS = {
-    "mish": nn.Mish,
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "elu": nn.ELU,
-}
-
-
-def make_activation(name: str) -> nn.Module:
-    """Build the activation module called ``name`` (one of ``ACTIVATIONS``)."""
-    try:
-        return ACTIVATIONS[name.lower()]()
-    except KeyError:
-        valid = ", ".join(sorted(ACTIVATIONS))
-        raise ValueError(f"unknown activation {name!r}; valid: {valid}") from None
-
 
 def _dense(d_in: int, d_out: int, layer_norm: bool) -> nn.Module:
     """Linear layer, followed by LayerNorm when ``layer_norm``."""

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .activations import Mish
 from .embedding import TimeEmbedding, TimeLike, broadcast_time
 
 
@@ -24,7 +25,7 @@ class Conv1dBlock(nn.Sequential):
         super().__init__(
             nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
             nn.GroupNorm(n_groups, c_out),
-            nn.Mish(),
+            Mish(),
         )
 
 
@@ -41,7 +42,7 @@ class CondResBlock1D(nn.Module):
         super().__init__()
         self.block1 = Conv1dBlock(c_in, c_out, kernel_size, n_groups)
         self.block2 = Conv1dBlock(c_out, c_out, kernel_size, n_groups)
-        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
+        self.film = nn.Sequential(Mish(), nn.Linear(cond_dim, 2 * c_out))
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
