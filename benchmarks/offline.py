@@ -117,7 +117,8 @@ def train_run(env_id, quality, data, name, seed, args, run_root: Path):
     agent = make_agent(name, data.obs_dim, data.act_dim, **agent_settings(name, args.steps, run_root, quality, seed,
                                                                          args.quick))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, eval_every=args.eval_every,
-                      eval_episodes=args.eval_episodes, seed=seed, log_every=max(1, min(1000, args.steps // 10)))
+                      eval_episodes=args.eval_episodes, seed=seed, log_every=max(1, min(1000, args.steps // 10)),
+                      compile=args.compile)
     out = train_offline(agent, data, cfg, env_id=env_id, run_dir=run_root / quality / name / f"seed{seed}",
                         progress=not args.no_progress)
     return agent, out
@@ -157,7 +158,8 @@ def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root
         res = {"env": env_id, "dataset": data.dataset_id, "agent": name, "seed": seed, "steps": out["steps"],
                "score": out["final"]["score_mean"], "return": out["final"]["return_mean"],
                "train_seconds": out["train_seconds"], "latency_ms": latency_ms(agent, data.obs_dim),
-               "history": out["history"], "batch_size": args.batch, "eval_episodes": args.eval_episodes}
+               "history": out["history"], "batch_size": args.batch, "eval_episodes": args.eval_episodes,
+               "compile": args.compile}
         _write(result_path, res)
     done = res.get("final_eval", {})
     if done.get("episodes") != args.final_episodes or done.get("acting") != acting:
@@ -350,6 +352,10 @@ def main(argv=None):
     p.add_argument("--no-throughput", action="store_true")
     p.add_argument("--no-latency", action="store_true", help="a sweep on a busy machine: keep the table's latencies")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", default="", metavar="BACKEND",
+                   help="torch.compile the denoisers and critics (e.g. inductor: Diffusion-QL steps about 25%% faster "
+                        "on one CPU thread, IDQL's no faster; see benchmarks/results/train_step_cpu.md); changes only "
+                        "the speed, so a run may resume with or without it")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:

@@ -44,7 +44,7 @@ def test_a_finished_run_is_scored_on_its_final_checkpoint_and_rescored_when_acti
     import argparse
 
     args = argparse.Namespace(steps=10, batch=32, eval_every=10, eval_episodes=1, final_episodes=3, quick=False,
-                              no_progress=True)
+                              no_progress=True, compile="")
     runs, results = tmp_path / "runs", tmp_path / "results"
     first = bench.run_one("Pendulum-v1", "q", pendulum_data, "idql", 0, args, runs, results)
     acting = {"candidates": 64, "selection": "argmax", "sampler": "ddpm", "temperature": 1.0}
@@ -68,11 +68,31 @@ def test_a_finished_run_is_scored_on_its_final_checkpoint_and_rescored_when_acti
     assert again["history"] == first["history"] and again["steps"] == 10  # the curve measured in training
 
 
+def test_compile_flag_reaches_the_training_loop(pendulum_data, tmp_path, monkeypatch):
+    """``--compile`` only changes speed: it is handed to ``TrainConfig`` and noted in the result."""
+    seen = {}
+
+    def fake_train(agent, data, cfg, **kw):
+        seen["compile"] = cfg.compile
+        return {"steps": cfg.steps, "final": {"score_mean": 1.0, "return_mean": 1.0}, "train_seconds": 0.1,
+                "history": []}
+
+    monkeypatch.setattr("diffpolicy.agents.trainer.train_offline", fake_train)
+    monkeypatch.setattr(bench, "final_evaluation", lambda res, *a: res)
+    import argparse
+
+    args = argparse.Namespace(
+        steps=10, batch=32, eval_every=10, eval_episodes=1, final_episodes=2, quick=False, no_progress=True,
+        compile="inductor")
+    res = bench.run_one("Pendulum-v1", "q", pendulum_data, "gaussian_bc", 0, args, tmp_path / "r", tmp_path / "s")
+    assert seen == {"compile": "inductor"} and res["compile"] == "inductor"
+
+
 def test_an_acting_variant_row_is_scored_from_its_base_agents_runs(pendulum_data, tmp_path):
     import argparse
 
     args = argparse.Namespace(steps=10, batch=32, eval_every=10, eval_episodes=1, final_episodes=2, quick=False,
-                              no_progress=True)
+                              no_progress=True, compile="")
     runs, results = tmp_path / "runs", tmp_path / "results"
     args.rescore = True  # nothing trained yet: a rescoring pass skips the row
     assert bench.run_one("Pendulum-v1", "q", pendulum_data, "diffusion_bc_t0", 0, args, runs, results) is None
@@ -128,7 +148,7 @@ def test_a_distilled_run_trains_its_teacher_again_when_only_the_teachers_result_
     import shutil
 
     args = argparse.Namespace(steps=10, batch=32, eval_every=10, eval_episodes=1, final_episodes=1, quick=False,
-                              no_progress=True)
+                              no_progress=True, compile="")
     runs, results = tmp_path / "runs", tmp_path / "results"
     teacher = bench.run_one("Pendulum-v1", "q", pendulum_data, "diffusion_bc", 0, args, runs, results)
     shutil.rmtree(runs / "q" / "diffusion_bc")
