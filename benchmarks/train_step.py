@@ -4,13 +4,14 @@ What is measured: the wall time of ``agent.update(batch)`` (forward, backward, o
 EMA and target updates: everything the offline loop does per step except sampling the batch)
 for Hopper-sized Diffusion BC and Diffusion-QL (obs 11, action 3, batch 256; Diffusion-QL
 backpropagates through its 5-step chain), and for one image pre-training step of the digits
-U-Net (16x16, batch 128, ``ddpm_v``). Three variants of each, as ``TrainConfig`` and
+U-Net (16x16, batch 128, ``ddpm_v``). Four variants of each, as ``TrainConfig`` and
 ``ImagePretrainConfig`` run them: ``fp32``; ``bf16`` (``torch.autocast(bfloat16)`` around the
 update, weights float32); ``compile`` (``compile_networks`` / ``torch.compile`` of the networks,
 inductor); ``nn_mish`` (fp32 with ``torch.nn.Mish`` in place of our exp-only
-:class:`diffpolicy.nets.activations.Mish`, to show what that buys). Each variant gets its own copy of the same initial weights, rounds interleave the
-variants in shuffled order after a warm-up (compilation happens there), and each timed call
-ends with a device synchronise; medians per step are reported with ratios to ``fp32``.
+:class:`diffpolicy.nets.activations.Mish`, to show what that buys). Each variant gets its own
+copy of the same initial weights, rounds interleave the variants in shuffled order after a
+warm-up (compilation happens there), and each timed call ends with a device synchronise; medians
+per step are reported with ratios to ``fp32``.
 
     python benchmarks/train_step.py --device cuda --json benchmarks/results/train_step_cuda.json
     python benchmarks/train_step.py --device cpu --threads 1 --json benchmarks/results/train_step_cpu.json
