@@ -33,13 +33,20 @@ def _mish_parts(x: Tensor) -> tuple[Tensor, Tensor]:
 
 class _MishExp(torch.autograd.Function):
     """Mish with the exp-only forward and derivative above. Only ``x`` is saved and the backward
-    recomputes from it with differentiable ops, so double backward is exact too."""
+    recomputes from it with differentiable ops, so double backward is exact too; the separate
+    ``setup_context`` and the generated vmap rule let ``torch.func`` transforms (TorchRL's
+    vmapped critic ensembles) run through it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:
         _, n = _mish_parts(x)
         return x * n / (n + 2.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

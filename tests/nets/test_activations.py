@@ -43,3 +43,13 @@ def test_mish_module_and_fallbacks():
     assert torch.equal(mish(xb), F.mish(xb))
     with pytest.raises(ValueError, match="valid: elu, gelu, mish"):
         make_activation("swishy")
+
+
+def test_mish_runs_under_torch_func_transforms():
+    """TorchRL vmaps its value and Q-ensemble networks: vmap and grad must pass through our Mish."""
+    x = torch.randn(4, 7, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(mish)(x), F.mish(x))
+    g = torch.func.vmap(torch.func.grad(lambda v: mish(v).sum()))(x)
+    ref_x = x.clone().requires_grad_()
+    F.mish(ref_x).sum().backward()
+    torch.testing.assert_close(g, ref_x.grad)
