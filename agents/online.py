@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 
 from diffpolicy.chain import rollout
 from diffpolicy.chain_losses import RewardWeightedLoss
+from diffpolicy.checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
 from diffpolicy.denoiser import DenoiserBase
 from diffpolicy.nets.activations import Mish
-from diffpolicy.checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
 from diffpolicy.runlog import (RunLogger, open_run, release_run, rng_state, set_rng_state, set_seed,
                               with_config_defaults)
 from diffpolicy.samplers import prior
@@ -366,7 +366,8 @@ def train_online(agent, env_id: str, data, cfg: OnlineConfig | None = None, *, r
 
     recorded = {"env_steps": cfg.env_steps, **({"pretrained": pretrained} if pretrained else {})}
     saved = open_run(run_path, run_config, json.loads(json.dumps(recorded, default=str)), load=load,
-                     fill_old=lambda old: with_config_defaults(old, a, legacy=getattr(type(agent), "legacy_settings", None)))  # settings added since: at their defaults
+                     # settings added since the run started: at their defaults (or the agent's legacy values)
+                     fill_old=lambda old: with_config_defaults(old, a, legacy=getattr(type(agent), "legacy_settings", None)))
     if saved is not None:
         state = saved["state"]
         state.setdefault("env_steps_taken", state["env_steps"])  # a run from before it was counted: the upper bound
