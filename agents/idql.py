@@ -86,14 +86,17 @@ class IDQL(DiffusionBC):
         self.add_optimizer("critic", self.critic_loss.qvalue_network_params.parameters())
 
     def update(self, batch) -> dict[str, Tensor]:
+        return {**self.update_critic(batch), **super().update(batch)}
+
+    def update_critic(self, batch) -> dict[str, Tensor]:
+        """One IQL step (value, twin Q, soft target update); the actor plays no part in it."""
         td = critic_batch(batch, batch["action"])
         loss_v, _ = self.critic_loss.value_loss(td)
         self.step("value", loss_v)
         loss_q, _ = self.critic_loss.qvalue_loss(td)
         self.step("critic", loss_q)
         self.target_updater.step()
-        out = super().update(batch)
-        return {"loss_value": loss_v.detach(), "loss_qvalue": loss_q.detach(), **out}
+        return {"loss_value": loss_v.detach(), "loss_qvalue": loss_q.detach()}
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:

@@ -1,0 +1,185 @@
+"""IDQL's score against its critic's training budget: the critic of a finished run trained on alone.
+
+IDQL (Hansen-Estruch et al. 2023) trains its IQL critic independently of its diffusion behaviour
+model and joins them only when acting, re-ranking behaviour samples by Q. The offline benchmark
+gives every agent 1e5 gradient steps; the authors train for 3e6. On our Hopper medium-replay data
+IDQL's learning curve is flat from 1e4 steps, so its behaviour model is not short of steps. This
+benchmark asks whether its critic is. It opens a finished IDQL run, freezes the behaviour model and
+trains only the critic (``IDQL.update_critic``: same data, batch, reward scaling, optimisers and
+target networks, continuing from the run's own state) to ``--critic-steps`` steps in all. Every
+``--eval-every`` steps it scores the policy as the offline benchmark scores a finished run:
+``--episodes`` episodes from the same episode seeds, the policy's noise seeded by the run's seed.
+The first point is the run as trained, scored in this process.
+
+The IDQL run is only read. ``--work`` holds this job's own run directory: ``config.json``,
+``checkpoint.safetensors`` (at every evaluation; a second call resumes), ``train.csv`` / ``eval.csv``
+and TensorBoard events.
+
+Usage::
+
+    python benchmarks/idql_critic_budget.py --run RUNS/Hopper-v5/medium-replay/idql/seed0 \\
+        --critic-steps 1000000 --eval-every 100000 --work RUNS/idql_critic_budget/seed0
+
+Writes ``--out`` ``.json``, ``.md`` and ``.png`` (score against critic steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, episodes: int,
+                  progress: bool = True) -> dict:
+    """Train the critic of IDQL run ``run`` on to ``critic_steps`` steps, scoring every ``eval_every``;
+    returns ``{"source", "dataset", "seed", "start_step", "history": [{"critic_steps", "score_mean", ...}]}``."""
+    from tqdm.auto import tqdm
+
+    from diffpolicy.agents import load_agent
+    from diffpolicy.agents.trainer import TrainConfig, evaluate_agent
+    from diffpolicy.checkpoint import CHECKPOINT, load_state_checked, save_checkpoint
+    from diffpolicy.envs.datasets import OfflineData, load_dataset
+    from diffpolicy.runlog import RunLogger, open_run, release_run, rng_state, set_rng_state, set_seed
+
+    meta = json.loads((run / "config.json").read_text())
+    if meta.get("agent") != "idql":
+        raise ValueError(f"{run} is a {meta.get('agent')!r} run; this benchmark trains on the critic of an idql run")
+    agent = load_agent(run)
+    start = agent.num_updates
+    if critic_steps < start:
+        raise ValueError(f"--critic-steps {critic_steps} is below the {start} steps {run} has already trained")
+    data = OfflineData.from_minari(load_dataset(meta["dataset"], download=False),
+                                   drop_nonfinite=meta.get("drop_nonfinite", False))
+    seed = meta["train"]["seed"]
+    rb = data.replay_buffer(meta["train"]["batch_size"], reward_scale=meta["reward_scale"])
+    state = {"step": start, "history": [], "train_seconds": 0.0}
+    config = {"source": str(run.resolve()), "source_steps": start, "dataset": meta["dataset"], "seed": seed}
+    saved = open_run(work, config, {"critic_steps": critic_steps},
+                     load=lambda s: load_state_checked(agent, s["agent"], "idql agent", work))
+    set_seed(seed + 1)  # not the run's own stream: this is a new phase of training
+    if saved is not None:
+        state = saved["state"]
+        set_rng_state(saved["rng"])
+    logger = RunLogger(work, resume_step=state["step"])
+
+    def score(step):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            r = evaluate_agent(agent, data, meta["env_id"], episodes=episodes, seed=TrainConfig.eval_seed)
+        rec = {"critic_steps": step, "score_mean": r.score_mean, "score_std": r.score_std,
+               "return_mean": r.return_mean}
+        state["history"].append(rec)
+        logger.write("eval", step, {k: v for k, v in rec.items() if k != "critic_steps"})
+        save_checkpoint({"agent": agent.state_dict(), "state": state, "rng": rng_state()}, work / CHECKPOINT)
+        return rec
+
+    try:
+        if not state["history"]:
+            score(state["step"])
+        bar = tqdm(total=critic_steps, initial=state["step"], desc="idql critic", unit="step", disable=not progress)
+        sums: dict[str, float] = {}
+        logged, log_every = state["step"], min(1000, eval_every)
+        agent.train()
+        t0 = time.perf_counter()
+        while state["step"] < critic_steps:
+            for k, v in agent.update_critic(rb.sample()).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            state["step"] += 1
+            step = state["step"]
+            bar.update(1)
+            if step % log_every == 0 or step == critic_steps:
+                means = {k: v / (step - logged) for k, v in sums.items()}
+                if not all(math.isfinite(v) for v in means.values()):
+                    raise FloatingPointError(f"a critic loss is not finite by step {step}: {means}; the last "
+                                             f"checkpoint in {work} is kept")
+                logger.write("train", step, means)
+                sums.clear()
+                logged = step
+            if step % eval_every == 0 or step == critic_steps:
+                state["train_seconds"] += time.perf_counter() - t0
+                score(step)
+                t0 = time.perf_counter()
+        bar.close()
+    finally:
+        release_run(work)
+    return {**config, "start_step": start, "critic_steps": critic_steps, "episodes": episodes,
+            "train_seconds": state["train_seconds"], "history": state["history"]}
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    lines = ["# IDQL: score against the critic's training budget (behaviour model fixed)", "",
+             "| run | dataset | " + " | ".join(f"{h['critic_steps']:g}" for h in report["runs"][0]["history"])
+             + " |", "|---|---|" + "---:|" * len(report["runs"][0]["history"])]
+    for r in report["runs"]:
+        lines.append(f"| seed {r['seed']} | {r['dataset']} | "
+                     + " | ".join(f"{h['score_mean']:.1f}" for h in r["history"]) + " |")
+    lines += ["", f"Columns: critic gradient steps in all (the first: the run as trained). Scores: normalised, "
+                  f"{report['runs'][0]['episodes']} episodes each, the offline benchmark's episode seeds. "
+                  f"Critic training time: " + ", ".join(f"{r['train_seconds']:.0f} s" for r in report["runs"]) + "."]
+    if report.get("reference"):
+        lines.append("Reference (offline table, same data): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in report["reference"].items()) + ".")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for r in report["runs"]:
+            ax.plot([h["critic_steps"] for h in r["history"]], [h["score_mean"] for h in r["history"]],
+                    marker="o", ms=3, label=f"idql seed {r['seed']}")
+        for k, v in (report.get("reference") or {}).items():
+            ax.axhline(v, ls="--", lw=1, color="grey")
+            ax.annotate(k, (ax.get_xlim()[0], v), fontsize=7, va="bottom")
+        ax.set_xscale("log")
+        ax.set_xlabel("critic gradient steps")
+        ax.set_ylabel("normalised score")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=110)
+        plt.close(fig)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", nargs="+", required=True, help="finished idql run directories (offline benchmark's)")
+    p.add_argument("--work", nargs="+", required=True, help="one work directory per --run (checkpoints, logs)")
+    p.add_argument("--critic-steps", type=int, default=1_000_000, help="critic gradient steps in all")
+    p.add_argument("--eval-every", type=int, default=100_000)
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--reference", default=None,
+                   help="an offline benchmark table (.json) whose scores on the run's dataset are drawn as lines")
+    p.add_argument("--out", default=str(ROOT / "results" / "idql_critic_budget"))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if len(args.work) != len(args.run):
+        p.error(f"give one --work directory per --run ({len(args.run)} runs, {len(args.work)} work directories)")
+    torch.set_num_threads(1)
+    runs = [critic_budget(Path(r), Path(w), args.critic_steps, args.eval_every, args.episodes, not args.no_progress)
+            for r, w in zip(args.run, args.work)]
+    reference = None
+    if args.reference:
+        table = json.loads(Path(args.reference).read_text())["results"]
+        quality = runs[0]["dataset"].split("/")[-1].rsplit("-v", 1)[0]  # diffpolicy/<env>/<quality>-v<k>
+        reference = {a: v["score_mean"] for a, v in table.get(quality, {}).items() if a in ("gaussian_bc", "idql",
+                                                                                              "iql", "diffusion_ql")}
+    report = {"runs": runs, "reference": reference}
+    write_outputs(report, Path(args.out))
+    print(Path(args.out).with_suffix(".md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""benchmarks/idql_critic_budget.py: a finished IDQL run's critic trained on alone, its actor fixed."""
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def idql_run(pendulum_data, tmp_path_factory):
+    from diffpolicy.agents import make_agent
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+
+    run = tmp_path_factory.mktemp("idql") / "seed0"
+    agent = make_agent("idql", pendulum_data.obs_dim, pendulum_data.act_dim, candidates=4, hidden=32)
+    train_offline(agent, pendulum_data, TrainConfig(steps=20, batch_size=32, eval_every=20, eval_episodes=1),
+                  run_dir=run, progress=False)
+    return run
+
+
+def test_the_critic_trains_on_from_the_run_and_the_actor_stays_as_trained(idql_run, pendulum_data, tmp_path,
+                                                                           load_benchmark):
+    from diffpolicy.agents import load_agent
+    from diffpolicy.agents.trainer import TrainConfig, evaluate_agent
+    from diffpolicy.checkpoint import load_checkpoint
+
+    bench = load_benchmark("idql_critic_budget")
+    source = (idql_run / "checkpoint.safetensors").read_bytes()
+    work, out = tmp_path / "work", tmp_path / "out" / "budget"
+    argv = ["--run", str(idql_run), "--work", str(work), "--critic-steps", "40", "--eval-every", "10",
+            "--episodes", "2", "--out", str(out), "--no-progress"]
+    rep = bench.main(argv)
+    hist = rep["runs"][0]["history"]
+    assert [h["critic_steps"] for h in hist] == [20, 30, 40] and rep["runs"][0]["start_step"] == 20
+
+    trained = load_agent(idql_run)  # the first point is the run as trained, scored as the offline table scores it
+    torch.manual_seed(0)
+    r = evaluate_agent(trained, pendulum_data, "Pendulum-v1", episodes=2, seed=TrainConfig.eval_seed)
+    assert hist[0]["score_mean"] == pytest.approx(r.score_mean, abs=1e-9)
+
+    after = load_checkpoint(work)["agent"]
+    before = trained.state_dict()
+    actor = [k for k in before if k.startswith("actor.")]
+    critic = [k for k in before if k.startswith("critic_loss.") and "qvalue_network_params" in k]
+    assert actor and critic
+    assert all(torch.equal(after[k], before[k]) for k in actor)
+    assert any(not torch.equal(after[k], before[k]) for k in critic)
+    assert (idql_run / "checkpoint.safetensors").read_bytes() == source  # the run itself is only read
+
+    rep = bench.main(argv[:5] + ["50"] + argv[6:])  # a longer budget resumes from the work checkpoint
+    assert [h["critic_steps"] for h in rep["runs"][0]["history"]] == [20, 30, 40, 50]
+    assert rep["runs"][0]["history"][:3] == hist
+    rows = (work / "train.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["step", "loss_value", "loss_qvalue"]
+    assert json.loads(out.with_suffix(".json").read_text())["runs"][0]["critic_steps"] == 50
+    assert "| seed 0 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").exists()
+
+
+def test_a_run_that_is_not_idql_or_a_budget_below_the_runs_own_is_refused(idql_run, pendulum_data, tmp_path,
+                                                                          load_benchmark):
+    from diffpolicy.agents import make_agent
+    from diffpolicy.agents.trainer import TrainConfig, train_offline
+
+    bench = load_benchmark("idql_critic_budget")
+    with pytest.raises(ValueError, match="below the 20 steps"):
+        bench.critic_budget(idql_run, tmp_path / "w1", 10, 5, 1, progress=False)
+    bc = tmp_path / "bc"
+    train_offline(make_agent("gaussian_bc", pendulum_data.obs_dim, pendulum_data.act_dim), pendulum_data,
+                  TrainConfig(steps=2, batch_size=8), run_dir=bc, progress=False, evaluate=False)
+    with pytest.raises(ValueError, match="'gaussian_bc' run"):
+        bench.critic_budget(bc, tmp_path / "w2", 10, 5, 1, progress=False)
+    with pytest.raises(SystemExit):
+        bench.main(["--run", str(idql_run), str(bc), "--work", str(tmp_path / "w3")])
