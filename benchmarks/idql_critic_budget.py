@@ -11,6 +11,12 @@ target networks, continuing from the run's own state) to ``--critic-steps`` step
 ``--episodes`` episodes from the same episode seeds, the policy's noise seeded by the run's seed.
 The first point is the run as trained, scored in this process.
 
+``--expectile TAU`` asks a second question: would a critic of another expectile re-rank the
+behaviour samples better? It replaces the run's critic by a fresh, untrained IQL critic at
+expectile ``TAU`` (the only setting changed; the behaviour model is still the run's) and trains it
+from step 0, scoring it the same way. Its first point is then the behaviour model ranked by an
+untrained critic.
+
 The IDQL run is only read. ``--work`` holds this job's own run directory: ``config.json``,
 ``checkpoint.safetensors`` (at every evaluation; a second call resumes), ``train.csv`` / ``eval.csv``
 and TensorBoard events.
@@ -25,6 +31,7 @@ Writes ``--out`` ``.json``, ``.md`` and ``.png`` (score against critic steps).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -35,10 +42,25 @@ import torch
 ROOT = Path(__file__).resolve().parent
 
 
+def with_fresh_critic(agent, expectile: float):
+    """A copy of IDQL ``agent`` with its behaviour model (weights, EMA) and an untrained critic at ``expectile``."""
+    fresh = type(agent)(agent.obs_dim, agent.act_dim, dataclasses.replace(agent.config, expectile=expectile))
+    state = {k: v for k, v in agent.state_dict().items() if not k.startswith("critic_loss.")}
+    state["_optimizers"] = {k: v for k, v in state["_optimizers"].items() if k not in ("value", "critic")}
+    state["_num_updates"] = 0
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("critic_loss.") for k in missing):
+        raise RuntimeError(f"the run's behaviour model does not fit a fresh IDQL: missing {missing}, "
+                           f"unexpected {unexpected}")
+    return fresh.eval()
+
+
 def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, episodes: int,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, expectile: float | None = None) -> dict:
     """Train the critic of IDQL run ``run`` on to ``critic_steps`` steps, scoring every ``eval_every``;
-    returns ``{"source", "dataset", "seed", "start_step", "history": [{"critic_steps", "score_mean", ...}]}``."""
+    with ``expectile``, a fresh critic at that expectile trained from step 0 instead.
+    Returns ``{"source", "dataset", "seed", "start_step", ["fresh_critic_expectile",]
+    "history": [{"critic_steps", "score_mean", ...}]}``."""
     from tqdm.auto import tqdm
 
     from diffpolicy.agents import load_agent
@@ -51,15 +73,22 @@ def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, epi
     if meta.get("agent") != "idql":
         raise ValueError(f"{run} is a {meta.get('agent')!r} run; this benchmark trains on the critic of an idql run")
     agent = load_agent(run)
+    seed, source_steps = meta["train"]["seed"], agent.num_updates
+    if expectile is not None:
+        if not 0.0 < expectile < 1.0:
+            raise ValueError(f"--expectile must lie in (0, 1), got {expectile}")
+        torch.manual_seed(seed + 2)  # the fresh critic's initialisation
+        agent = with_fresh_critic(agent, expectile)
     start = agent.num_updates
     if critic_steps < start:
         raise ValueError(f"--critic-steps {critic_steps} is below the {start} steps {run} has already trained")
     data = OfflineData.from_minari(load_dataset(meta["dataset"], download=False),
                                    drop_nonfinite=meta.get("drop_nonfinite", False))
-    seed = meta["train"]["seed"]
     rb = data.replay_buffer(meta["train"]["batch_size"], reward_scale=meta["reward_scale"])
     state = {"step": start, "history": [], "train_seconds": 0.0}
-    config = {"source": str(run.resolve()), "source_steps": start, "dataset": meta["dataset"], "seed": seed}
+    config = {"source": str(run.resolve()), "source_steps": source_steps, "dataset": meta["dataset"], "seed": seed}
+    if expectile is not None:
+        config["fresh_critic_expectile"] = expectile
     saved = open_run(work, config, {"critic_steps": critic_steps},
                      load=lambda s: load_state_checked(agent, s["agent"], "idql agent", work))
     set_seed(seed + 1)  # not the run's own stream: this is a new phase of training
@@ -112,6 +141,11 @@ def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, epi
             "train_seconds": state["train_seconds"], "history": state["history"]}
 
 
+def _label(run: dict) -> str:
+    tau = run.get("fresh_critic_expectile")
+    return f"seed {run['seed']}" + ("" if tau is None else f", fresh critic at expectile {tau:g}")
+
+
 def write_outputs(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
@@ -119,9 +153,10 @@ def write_outputs(report: dict, out: Path) -> None:
              "| run | dataset | " + " | ".join(f"{h['critic_steps']:g}" for h in report["runs"][0]["history"])
              + " |", "|---|---|" + "---:|" * len(report["runs"][0]["history"])]
     for r in report["runs"]:
-        lines.append(f"| seed {r['seed']} | {r['dataset']} | "
+        lines.append(f"| {_label(r)} | {r['dataset']} | "
                      + " | ".join(f"{h['score_mean']:.1f}" for h in r["history"]) + " |")
-    lines += ["", f"Columns: critic gradient steps in all (the first: the run as trained). Scores: normalised, "
+    lines += ["", f"Columns: critic gradient steps in all (the first: the run as trained, or, for a fresh critic, "
+                  f"the behaviour model ranked by the untrained critic). Scores: normalised, "
                   f"{report['runs'][0]['episodes']} episodes each, the offline benchmark's episode seeds. "
                   f"Critic training time: " + ", ".join(f"{r['train_seconds']:.0f} s" for r in report["runs"]) + "."]
     if report.get("reference"):
@@ -137,7 +172,7 @@ def write_outputs(report: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for r in report["runs"]:
             ax.plot([h["critic_steps"] for h in r["history"]], [h["score_mean"] for h in r["history"]],
-                    marker="o", ms=3, label=f"idql seed {r['seed']}")
+                    marker="o", ms=3, label=f"idql {_label(r)}")
         for k, v in (report.get("reference") or {}).items():
             ax.axhline(v, ls="--", lw=1, color="grey")
             ax.annotate(k, (ax.get_xlim()[0], v), fontsize=7, va="bottom")
@@ -158,6 +193,8 @@ def main(argv=None):
     p.add_argument("--work", nargs="+", required=True, help="one work directory per --run (checkpoints, logs)")
     p.add_argument("--critic-steps", type=int, default=1_000_000, help="critic gradient steps in all")
     p.add_argument("--eval-every", type=int, default=100_000)
+    p.add_argument("--expectile", type=float, default=None,
+                   help="replace the run's critic by a fresh one at this expectile, trained from step 0")
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--reference", default=None,
                    help="an offline benchmark table (.json) whose scores on the run's dataset are drawn as lines")
@@ -167,8 +204,8 @@ def main(argv=None):
     if len(args.work) != len(args.run):
         p.error(f"give one --work directory per --run ({len(args.run)} runs, {len(args.work)} work directories)")
     torch.set_num_threads(1)
-    runs = [critic_budget(Path(r), Path(w), args.critic_steps, args.eval_every, args.episodes, not args.no_progress)
-            for r, w in zip(args.run, args.work)]
+    runs = [critic_budget(Path(r), Path(w), args.critic_steps, args.eval_every, args.episodes, not args.no_progress,
+                          expectile=args.expectile) for r, w in zip(args.run, args.work)]
     reference = None
     if args.reference:
         table = json.loads(Path(args.reference).read_text())["results"]

@@ -70,3 +70,33 @@ def test_a_run_that_is_not_idql_or_a_budget_below_the_runs_own_is_refused(idql_r
         bench.critic_budget(bc, tmp_path / "w2", 10, 5, 1, progress=False)
     with pytest.raises(SystemExit):
         bench.main(["--run", str(idql_run), str(bc), "--work", str(tmp_path / "w3")])
+
+
+def test_a_fresh_critic_at_another_expectile_trains_from_zero_beside_the_runs_actor(idql_run, tmp_path,
+                                                                                     load_benchmark):
+    from diffpolicy.agents import load_agent
+    from diffpolicy.checkpoint import load_checkpoint
+
+    bench = load_benchmark("idql_critic_budget")
+    trained = load_agent(idql_run)
+    fresh = bench.with_fresh_critic(trained, 0.9)
+    assert fresh.config.expectile == 0.9 and fresh.critic_loss.expectile == 0.9 and fresh.num_updates == 0
+    assert trained.config.expectile == 0.7  # the run's own agent is untouched
+
+    work = tmp_path / "work"
+    rep = bench.critic_budget(idql_run, work, 20, 10, 1, progress=False, expectile=0.9)
+    assert [h["critic_steps"] for h in rep["history"]] == [0, 10, 20] and rep["start_step"] == 0
+    assert rep["fresh_critic_expectile"] == 0.9 and rep["source_steps"] == 20
+    before, after = trained.state_dict(), load_checkpoint(work)["agent"]
+    actor = [k for k in before if k.startswith("actor.")]
+    critic = [k for k in before if k.startswith("critic_loss.") and "qvalue_network_params" in k]
+    assert actor and critic
+    assert all(torch.equal(after[k], before[k]) for k in actor)
+    assert all(not torch.equal(after[k], before[k]) for k in critic)  # not the run's critic: a new one
+
+    with pytest.raises(ValueError, match="fresh_critic_expectile"):  # a work directory answers one question
+        bench.critic_budget(idql_run, work, 30, 10, 1, progress=False)
+    with pytest.raises(ValueError, match=r"lie in \(0, 1\)"):
+        bench.critic_budget(idql_run, tmp_path / "w2", 30, 10, 1, progress=False, expectile=1.5)
+    bench.write_outputs({"runs": [rep], "reference": None}, tmp_path / "out")
+    assert "| seed 0, fresh critic at expectile 0.9 |" in (tmp_path / "out.md").read_text()
