@@ -28,6 +28,7 @@ from diffpolicy.chain_losses import ChainPPOLoss, ChainScoreFunctionLoss, QScore
 from diffpolicy.denoiser import Denoiser
 from diffpolicy.losses import diffusion_loss
 from diffpolicy.nets import MLPDenoiser
+from diffpolicy.plotting import png_figure
 from diffpolicy.schedules import DiscreteVP
 
 C, K, BATCH, MIN_STD = 4, 10, 256, 0.05
@@ -180,15 +181,12 @@ def main(argv=None):
            f"budget: {iters} iterations x {BATCH} chains x K={K} DDPM steps per method"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k, v in curves.items():
-        ax.plot([(i + 1) * BATCH for i in range(len(v))], v, label=k)
-    ax.axhline(0.0, color="k", ls="--", lw=0.8, label="optimal")
-    ax.set_xlabel("samples"), ax.set_ylabel("mean reward"), ax.legend(), ax.set_title("chain bandit")
-    fig.tight_layout(), fig.savefig(out.with_suffix(".png"), dpi=110)
+    with png_figure(out.with_suffix(".png")) as (_, axes):
+        ax = axes[0, 0]
+        for k, v in curves.items():
+            ax.plot([(i + 1) * BATCH for i in range(len(v))], v, label=k)
+        ax.axhline(0.0, color="k", ls="--", lw=0.8, label="optimal")
+        ax.set_xlabel("samples"), ax.set_ylabel("mean reward"), ax.legend(), ax.set_title("chain bandit")
     return res
 
 

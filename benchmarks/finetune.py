@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from diffpolicy.plotting import png_figure
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # benchmarks/timing.py, shared
 from timing import measured_before  # noqa: E402
@@ -337,13 +339,8 @@ def write_outputs(report: dict, out: Path) -> None:
                      + ("; smoke settings: so few envs and steps that the chain's fixed cost per step weighs "
                         "more than at the full run's, where the target is read)" if rr.get("smoke") else ")"))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+    with png_figure(out.with_suffix(".png")) as (_, axes):
+        ax = axes[0, 0]
         for m, r in res.items():
             x, y, s = r["env_steps"], r["scores"], r["scores_std"]
             ax.plot(x, y, label=m, marker="o", ms=3)
@@ -352,11 +349,6 @@ def write_outputs(report: dict, out: Path) -> None:
         ax.set_ylabel("normalised score")
         ax.set_title(f"{report['env']}: fine-tuning")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=110)
-        plt.close(fig)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def main(argv=None):

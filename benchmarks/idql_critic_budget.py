@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from diffpolicy.plotting import png_figure
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -163,28 +165,18 @@ def write_outputs(report: dict, out: Path) -> None:
         lines.append("Reference (offline table, same data): " + ", ".join(
             f"{k} {v:.1f}" for k, v in report["reference"].items()) + ".")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 4))
+    with png_figure(out.with_suffix(".png"), figsize=(5.5, 4)) as (_, axes):
+        ax = axes[0, 0]
         for r in report["runs"]:
             ax.plot([h["critic_steps"] for h in r["history"]], [h["score_mean"] for h in r["history"]],
                     marker="o", ms=3, label=f"idql {_label(r)}")
         for k, v in (report.get("reference") or {}).items():
             ax.axhline(v, ls="--", lw=1, color="grey")
             ax.annotate(k, (ax.get_xlim()[0], v), fontsize=7, va="bottom")
-        ax.set_xscale("log")
+        ax.set_xscale("symlog", linthresh=1e4)  # a fresh critic's first point is at 0 steps
         ax.set_xlabel("critic gradient steps")
         ax.set_ylabel("normalised score")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=110)
-        plt.close(fig)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def main(argv=None):

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from diffpolicy.plotting import png_figure
+
 ROOT = Path(__file__).resolve().parent
 METHODS = {  # name -> (module, class, settings)
     "ddpo_sf": ("ddpo", "DDPO", dict(importance_sampling=False)),
@@ -260,27 +262,18 @@ def write_outputs(report: dict, out: Path) -> None:
             lines.append("")
     lines += ["## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report["budget"]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return
     rewards = list(report["results"])
     if not rewards:
         return
-    fig, axes = plt.subplots(1, len(rewards), figsize=(4.5 * len(rewards), 3.5), squeeze=False)
-    for ax, reward in zip(axes[0], rewards):
-        for m, r in report["results"][reward].items():
-            ax.plot([c["samples"] for c in r["curve"]], [c["reward"] for c in r["curve"]], marker="o", ms=3, label=m)
-        ax.set_title(reward)
-        ax.set_xlabel("training samples")
-        ax.set_ylabel("mean reward")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    with png_figure(out.with_suffix(".png"), 1, len(rewards), figsize=(4.5 * len(rewards), 3.5)) as (_, axes):
+        for ax, reward in zip(axes[0], rewards):
+            for m, r in report["results"][reward].items():
+                ax.plot([c["samples"] for c in r["curve"]], [c["reward"] for c in r["curve"]], marker="o", ms=3,
+                        label=m)
+            ax.set_title(reward)
+            ax.set_xlabel("training samples")
+            ax.set_ylabel("mean reward")
+            ax.legend(fontsize=6)
 
 
 def main(argv=None):

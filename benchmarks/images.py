@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from diffpolicy.distill.students import STUDENT_SAMPLER  # how each student samples
+from diffpolicy.plotting import png_figure
 
 ROOT = Path(__file__).resolve().parent
 NFES = [1, 2, 4, 8, 16, 32, 50]
@@ -223,36 +224,25 @@ def write_outputs(report: dict, out: Path, grids: dict | None = None) -> None:
                      + f" | {s['student_steps_trained']} | {s['train_seconds']:.0f} |")
     lines += ["", "## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report.get("budget", "")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, t in report["teachers"].items():
-        ax.plot(t["nfe"], t["fid"], marker="o", ms=3, label=name)
-    for name, s in report["students"].items():
-        ax.plot(s["nfe"], s["fid"], marker="*", ms=9, ls="--", label=f"{name} (student)")
-    ax.axhline(report["floor_fid"], color="k", lw=0.8, ls=":", label="floor (real vs real)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("FID (digit features)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    with png_figure(out.with_suffix(".png"), figsize=(7, 4.5)) as (_, axes):
+        ax = axes[0, 0]
+        for name, t in report["teachers"].items():
+            ax.plot(t["nfe"], t["fid"], marker="o", ms=3, label=name)
+        for name, s in report["students"].items():
+            ax.plot(s["nfe"], s["fid"], marker="*", ms=9, ls="--", label=f"{name} (student)")
+        ax.axhline(report["floor_fid"], color="k", lw=0.8, ls=":", label="floor (real vs real)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("FID (digit features)")
+        ax.legend(fontsize=6, ncol=2)
     if grids:
-        fig, axes = plt.subplots(1, len(grids), figsize=(2.2 * len(grids), 2.6))
-        for a, (name, img) in zip(axes if len(grids) > 1 else [axes], grids.items()):
-            a.imshow(img, cmap="gray", vmin=-1, vmax=1)
-            a.set_title(name, fontsize=7)
-            a.axis("off")
-        fig.tight_layout()
-        fig.savefig(out.with_name(out.name + "_samples.png"), dpi=110)
-        plt.close(fig)
+        with png_figure(out.with_name(out.name + "_samples.png"), 1, len(grids),
+                        figsize=(2.2 * len(grids), 2.6)) as (_, axes):
+            for a, (name, img) in zip(axes[0], grids.items()):
+                a.imshow(img, cmap="gray", vmin=-1, vmax=1)
+                a.set_title(name, fontsize=7)
+                a.axis("off")
 
 
 def main(argv=None):

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from diffpolicy.plotting import png_figure
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # benchmarks/timing.py, shared
 from timing import measured_before  # noqa: E402
@@ -291,15 +293,9 @@ def write_outputs(report: dict, out: Path) -> None:
                      f"{report['latency_ratio_consistency_vs_diffusion']:.3f}, 1 step "
                      f"{report['latency_ratio_consistency_1step_vs_diffusion']:.3f} (target <= 0.5)")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        qs = list(report["curves"])
-        if qs:
-            fig, axes = plt.subplots(1, len(qs), figsize=(5 * len(qs), 4), squeeze=False)
+    qs = list(report["curves"])
+    if qs:
+        with png_figure(out.with_suffix(".png"), 1, len(qs), figsize=(5 * len(qs), 4)) as (_, axes):
             for ax, q in zip(axes[0], qs):
                 for a, (x, y) in report["curves"][q].items():
                     ax.plot(x, y, label=a, marker="o", ms=3)
@@ -307,11 +303,6 @@ def write_outputs(report: dict, out: Path) -> None:
                 ax.set_xlabel("gradient steps")
                 ax.set_ylabel("normalised score")
             axes[0][-1].legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out.with_suffix(".png"), dpi=110)
-            plt.close(fig)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 MEASURED = ("throughput", "throughput_ratio_vs_bare", "latency_ms")  # kept by rewrites that do not time

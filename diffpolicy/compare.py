@@ -17,6 +17,7 @@ import statistics
 import warnings
 
 from diffpolicy.agents import ONLINE_AGENTS as ONLINE
+from diffpolicy.plotting import png_figure
 
 __all__ = ["read_run", "compare_runs"]
 
@@ -109,28 +110,20 @@ def markdown(report: dict) -> str:
 
 
 def _plot(groups: dict, metric: str, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = [k for k in (False, True) if any(m[0]["online"] == k for m in groups.values())]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
-    for ax, online in zip(axes[0], kinds):
-        for label, members in groups.items():
-            if members[0]["online"] != online:
-                continue
-            n = min(len(m["steps"]) for m in members)
-            x = members[0]["steps"][:n]
-            ys = [[m[metric][i] for m in members] for i in range(n)]
-            mean, std = zip(*(_mean_std(v) for v in ys))
-            ax.plot(x, mean, marker="o", ms=3, label=label)
-            ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2)
-        ax.set_xlabel("environment steps" if online else "gradient steps")
-        ax.set_ylabel("normalised score" if metric == "scores" else "return")
-        ax.set_title("online fine-tuning" if online else "offline training")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png_figure(path, 1, len(kinds), figsize=(5.5 * len(kinds), 3.8)) as (_, axes):
+        for ax, online in zip(axes[0], kinds):
+            for label, members in groups.items():
+                if members[0]["online"] != online:
+                    continue
+                n = min(len(m["steps"]) for m in members)
+                x = members[0]["steps"][:n]
+                ys = [[m[metric][i] for m in members] for i in range(n)]
+                mean, std = zip(*(_mean_std(v) for v in ys))
+                ax.plot(x, mean, marker="o", ms=3, label=label)
+                ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2)
+            ax.set_xlabel("environment steps" if online else "gradient steps")
+            ax.set_ylabel("normalised score" if metric == "scores" else "return")
+            ax.set_title("online fine-tuning" if online else "offline training")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)

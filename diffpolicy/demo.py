@@ -20,6 +20,7 @@ from .ema import EMA
 from .losses import consistency_training_loss, diffusion_loss
 from .metrics import SlicedWassersteinTo
 from .nets import MLPDenoiser
+from .plotting import png_figure
 from .samplers import consistency_timesteps, prior, run_sampler
 from .schedules import EDM, DiscreteVP, RectifiedFlow
 from .toys import make_toy
@@ -177,24 +178,17 @@ def format_table(rows, floor: float) -> str:
 
 
 def plot_grid(samples: dict, held_out: torch.Tensor, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = list(samples)
     cols = 6
     rows = (len(keys) + 1 + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows))
     panels = [("data (held-out)", held_out)] + [(" ".join(map(str, k)), samples[k]) for k in keys]
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, (title, pts) in zip(axes.flat, panels):
-        pts = pts[:2000].numpy()
-        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
-        ax.set_xlim(-3, 3), ax.set_ylim(-3, 3), ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png_figure(path, rows, cols, figsize=(2.2 * cols, 2.2 * rows)) as (_, axes):
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for ax, (title, pts) in zip(axes.flat, panels):
+            pts = pts[:2000].numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
+            ax.set_xlim(-3, 3), ax.set_ylim(-3, 3), ax.set_title(title, fontsize=8)
 
 
 def run_demo(cfg: DemoConfig) -> dict:

@@ -1,0 +1,33 @@
+"""diffpolicy.plotting.png_figure: the headless figure shell every benchmark and report draws through."""
+import pytest
+
+
+def test_png_figure_writes_a_png_and_closes_the_figure(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from diffpolicy.plotting import png_figure
+
+    before = set(plt.get_fignums())
+    with png_figure(tmp_path / "one.png") as (fig, axes):
+        assert axes.shape == (1, 1)  # always 2-D, even for one panel
+        axes[0, 0].plot([0, 1], [1, 0])
+        assert fig.number in plt.get_fignums()
+    with png_figure(tmp_path / "grid.png", 2, 3, figsize=(6, 4), dpi=50) as (fig, axes):
+        assert axes.shape == (2, 3)
+    assert set(plt.get_fignums()) == before
+    assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (300, 200)  # figsize x dpi
+
+
+def test_a_block_that_raises_writes_nothing_and_still_closes(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from diffpolicy.plotting import png_figure
+
+    before = set(plt.get_fignums())
+    with pytest.raises(KeyError):
+        with png_figure(tmp_path / "bad.png"):
+            raise KeyError("no such curve")
+    assert not (tmp_path / "bad.png").exists() and set(plt.get_fignums()) == before
