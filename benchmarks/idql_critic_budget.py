@@ -57,6 +57,42 @@ def with_fresh_critic(agent, expectile: float):
     return fresh.eval()
 
 
+@torch.no_grad()
+def candidate_spread(agent, data, states: int = 256, seed: int = 0) -> dict:
+    """How far IDQL's critic separates one state's behaviour candidates, beside how far it separates states.
+
+    On ``states`` dataset states (drawn with ``seed``), ``agent.config.candidates`` behaviour samples
+    each, scored by the critic that ranks them when acting (``min`` of the target Qs), in the
+    critic's own reward-scaled units: ``q_std_across_states`` (of the candidates' mean Q),
+    ``q_std_across_candidates`` (within a state, averaged over states), ``argmax_minus_mean`` and
+    ``argmax_minus_v`` (how far the chosen candidate stands above the others and above ``V(s)``).
+    """
+    from diffpolicy.agents.iql import q_and_v
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[:states]
+    n, k = len(idx), agent.config.candidates
+    obs = data.normalize_obs(data.observations[idx]).repeat_interleave(k, 0)
+    q, v = q_and_v(agent.critic_loss, obs, agent.sample_actions(obs, generator=g))
+    q, v = q.reshape(n, k).double(), v.reshape(n, k)[:, 0].double()
+    best = q.max(1).values
+    return {"states": n, "candidates": k, "q_std_across_states": q.mean(1).std().item(),
+            "q_std_across_candidates": q.std(1).mean().item() if k > 1 else 0.0,
+            "argmax_minus_mean": (best - q.mean(1)).mean().item(), "argmax_minus_v": (best - v).mean().item()}
+
+
+def _last_logged(run_dir: Path, key: str) -> float | None:
+    """The last value of ``key`` in a run directory's ``train.csv`` (None when absent)."""
+    import csv
+
+    path = run_dir / "train.csv"
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        values = [row[key] for row in csv.DictReader(f) if row.get(key) not in (None, "")]
+    return float(values[-1]) if values else None
+
+
 def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, episodes: int,
                   progress: bool = True, expectile: float | None = None) -> dict:
     """Train the critic of IDQL run ``run`` on to ``critic_steps`` steps, scoring every ``eval_every``;
@@ -139,8 +175,11 @@ def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, epi
         bar.close()
     finally:
         release_run(work)
+    spread = {"as_trained": {**candidate_spread(load_agent(run), data, seed=seed),
+                             "loss_qvalue": _last_logged(run, "loss_qvalue")},
+              "final": {**candidate_spread(agent, data, seed=seed), "loss_qvalue": _last_logged(work, "loss_qvalue")}}
     return {**config, "start_step": start, "critic_steps": critic_steps, "episodes": episodes,
-            "train_seconds": state["train_seconds"], "history": state["history"]}
+            "train_seconds": state["train_seconds"], "history": state["history"], "spread": spread}
 
 
 def _label(run: dict) -> str:
@@ -164,6 +203,20 @@ def write_outputs(report: dict, out: Path) -> None:
     if report.get("reference"):
         lines.append("Reference (offline table, same data): " + ", ".join(
             f"{k} {v:.1f}" for k, v in report["reference"].items()) + ".")
+    lines += ["", "How far each critic separates a state's behaviour candidates (reward-scaled units; "
+                  f"{report['runs'][0]['spread']['final']['states']} dataset states, "
+                  f"{report['runs'][0]['spread']['final']['candidates']} candidates each; TD loss: the last "
+                  "logged loss_qvalue):", "",
+              "| run | critic | Q std across states | Q std across candidates | argmax - mean | argmax - V | TD loss |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for r in report["runs"]:
+        for name, sp in r["spread"].items():
+            critic = {"as_trained": f"the run's, {r['source_steps']:g} steps",
+                      "final": f"{r['critic_steps']:g} steps"}[name]
+            loss = "—" if sp["loss_qvalue"] is None else f"{sp['loss_qvalue']:.1f}"
+            lines.append(f"| {_label(r)} | {critic} | {sp['q_std_across_states']:.1f} | "
+                         f"{sp['q_std_across_candidates']:.2f} | {sp['argmax_minus_mean']:.2f} | "
+                         f"{sp['argmax_minus_v']:.2f} | {loss} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     with png_figure(out.with_suffix(".png"), figsize=(5.5, 4)) as (_, axes):
         ax = axes[0, 0]

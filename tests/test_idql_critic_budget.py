@@ -1,5 +1,6 @@
 """benchmarks/idql_critic_budget.py: a finished IDQL run's critic trained on alone, its actor fixed."""
 import json
+import math
 
 import pytest
 import torch
@@ -53,6 +54,32 @@ def test_the_critic_trains_on_from_the_run_and_the_actor_stays_as_trained(idql_r
     assert rows[0].split(",") == ["step", "loss_value", "loss_qvalue"]
     assert json.loads(out.with_suffix(".json").read_text())["runs"][0]["critic_steps"] == 50
     assert "| seed 0 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").exists()
+    spread = rep["runs"][0]["spread"]
+    assert set(spread) == {"as_trained", "final"}
+    for sp in spread.values():
+        assert sp["candidates"] == 4 and sp["q_std_across_candidates"] > 0 and sp["argmax_minus_mean"] > 0
+        assert math.isfinite(sp["argmax_minus_v"]) and math.isfinite(sp["q_std_across_states"])
+    # the trained run's own loss_qvalue, and the work directory's last one
+    head, *_, last = (idql_run / "train.csv").read_text().splitlines()
+    assert spread["as_trained"]["loss_qvalue"] == pytest.approx(float(last.split(",")[head.split(",").index(
+        "loss_qvalue")]))
+    assert spread["final"]["loss_qvalue"] == pytest.approx(float(rows[-1].split(",")[2]))
+    assert "| argmax - mean |" in out.with_suffix(".md").read_text()
+
+
+def test_candidate_spread_of_one_candidate_is_zero(idql_run, pendulum_data, load_benchmark):
+    import dataclasses
+
+    from diffpolicy.agents import load_agent
+
+    bench = load_benchmark("idql_critic_budget")
+    agent = load_agent(idql_run)
+    sp = bench.candidate_spread(agent, pendulum_data, states=16, seed=3)
+    assert sp["states"] == 16 and sp["q_std_across_states"] > 0 and sp["argmax_minus_mean"] > 0
+    assert sp == bench.candidate_spread(agent, pendulum_data, states=16, seed=3)  # seeded: the same draw
+    agent.config = dataclasses.replace(agent.config, candidates=1)  # one candidate: nothing to choose between
+    one = bench.candidate_spread(agent, pendulum_data, states=16, seed=3)
+    assert one["argmax_minus_mean"] == 0.0 and one["q_std_across_candidates"] == 0.0
 
 
 def test_a_run_that_is_not_idql_or_a_budget_below_the_runs_own_is_refused(idql_run, pendulum_data, tmp_path,
