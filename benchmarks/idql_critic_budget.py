@@ -93,6 +93,14 @@ def _last_logged(run_dir: Path, key: str) -> float | None:
     return float(values[-1]) if values else None
 
 
+def _td_error(run_dir: Path, agent) -> dict:
+    """The last logged ``loss_qvalue`` of a run directory and its root-mean-square TD error per Q net
+    (TorchRL's ``IQLLoss.qvalue_loss`` sums the nets' mean squared TD errors), comparable with Q's spreads."""
+    loss = _last_logged(run_dir, "loss_qvalue")
+    rms = None if loss is None else math.sqrt(loss / agent.critic_loss.num_qvalue_nets)
+    return {"loss_qvalue": loss, "td_rms_per_q_net": rms}
+
+
 def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, episodes: int,
                   progress: bool = True, expectile: float | None = None) -> dict:
     """Train the critic of IDQL run ``run`` on to ``critic_steps`` steps, scoring every ``eval_every``;
@@ -175,9 +183,8 @@ def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, epi
         bar.close()
     finally:
         release_run(work)
-    spread = {"as_trained": {**candidate_spread(load_agent(run), data, seed=seed),
-                             "loss_qvalue": _last_logged(run, "loss_qvalue")},
-              "final": {**candidate_spread(agent, data, seed=seed), "loss_qvalue": _last_logged(work, "loss_qvalue")}}
+    spread = {"as_trained": {**candidate_spread(load_agent(run), data, seed=seed), **_td_error(run, agent)},
+              "final": {**candidate_spread(agent, data, seed=seed), **_td_error(work, agent)}}
     return {**config, "start_step": start, "critic_steps": critic_steps, "episodes": episodes,
             "train_seconds": state["train_seconds"], "history": state["history"], "spread": spread}
 
@@ -205,15 +212,15 @@ def write_outputs(report: dict, out: Path) -> None:
             f"{k} {v:.1f}" for k, v in report["reference"].items()) + ".")
     lines += ["", "How far each critic separates a state's behaviour candidates (reward-scaled units; "
                   f"{report['runs'][0]['spread']['final']['states']} dataset states, "
-                  f"{report['runs'][0]['spread']['final']['candidates']} candidates each; TD loss: the last "
-                  "logged loss_qvalue):", "",
-              "| run | critic | Q std across states | Q std across candidates | argmax - mean | argmax - V | TD loss |",
+                  f"{report['runs'][0]['spread']['final']['candidates']} candidates each; TD error: root mean square "
+                  "per Q net, from the last logged loss_qvalue):", "",
+              "| run | critic | Q std across states | Q std across candidates | argmax - mean | argmax - V | TD error |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         for name, sp in r["spread"].items():
             critic = {"as_trained": f"the run's, {r['source_steps']:g} steps",
                       "final": f"{r['critic_steps']:g} steps"}[name]
-            loss = "—" if sp["loss_qvalue"] is None else f"{sp['loss_qvalue']:.1f}"
+            loss = "—" if sp["td_rms_per_q_net"] is None else f"{sp['td_rms_per_q_net']:.2f}"
             lines.append(f"| {_label(r)} | {critic} | {sp['q_std_across_states']:.1f} | "
                          f"{sp['q_std_across_candidates']:.2f} | {sp['argmax_minus_mean']:.2f} | "
                          f"{sp['argmax_minus_v']:.2f} | {loss} |")
@@ -226,7 +233,7 @@ def write_outputs(report: dict, out: Path) -> None:
         for k, v in (report.get("reference") or {}).items():
             ax.axhline(v, ls="--", lw=1, color="grey")
             ax.annotate(k, (ax.get_xlim()[0], v), fontsize=7, va="bottom")
-        ax.set_xscale("symlog", linthresh=1e4)  # a fresh critic's first point is at 0 steps
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.set_xlabel("critic gradient steps")
         ax.set_ylabel("normalised score")
         ax.legend(fontsize=7)

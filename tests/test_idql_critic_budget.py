@@ -64,6 +64,7 @@ def test_the_critic_trains_on_from_the_run_and_the_actor_stays_as_trained(idql_r
     assert spread["as_trained"]["loss_qvalue"] == pytest.approx(float(last.split(",")[head.split(",").index(
         "loss_qvalue")]))
     assert spread["final"]["loss_qvalue"] == pytest.approx(float(rows[-1].split(",")[2]))
+    assert spread["final"]["td_rms_per_q_net"] == pytest.approx(math.sqrt(spread["final"]["loss_qvalue"] / 2))
     assert "| argmax - mean |" in out.with_suffix(".md").read_text()
 
 
