@@ -13,7 +13,8 @@ The first point is the run as trained, scored in this process.
 
 ``--expectile TAU`` asks a second question: would a critic of another expectile re-rank the
 behaviour samples better? It replaces the run's critic by a fresh, untrained IQL critic at
-expectile ``TAU`` (the only setting changed; the behaviour model is still the run's) and trains it
+expectile ``TAU`` (the only setting changed; the behaviour model is still the run's; with the
+default ``selection="argmax"`` the expectile enters acting only through the critic) and trains it
 from step 0, scoring it the same way. Its first point is then the behaviour model ranked by an
 untrained critic.
 
@@ -31,6 +32,7 @@ Writes ``--out`` ``.json``, ``.md`` and ``.png`` (score against critic steps).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -45,11 +47,12 @@ ROOT = Path(__file__).resolve().parent
 
 
 def with_fresh_critic(agent, expectile: float):
-    """A copy of IDQL ``agent`` with its behaviour model (weights, EMA) and an untrained critic at ``expectile``."""
+    """A copy of IDQL ``agent`` with its behaviour model (weights, EMA, actor optimiser, update count) and an
+    untrained critic at ``expectile`` (fresh value and Q optimisers); ``agent`` itself is left as it was."""
     fresh = type(agent)(agent.obs_dim, agent.act_dim, dataclasses.replace(agent.config, expectile=expectile))
     state = {k: v for k, v in agent.state_dict().items() if not k.startswith("critic_loss.")}
-    state["_optimizers"] = {k: v for k, v in state["_optimizers"].items() if k not in ("value", "critic")}
-    state["_num_updates"] = 0
+    # deep copies: Optimizer.load_state_dict would otherwise share the source's Adam moment tensors
+    state["_optimizers"] = copy.deepcopy({k: v for k, v in state["_optimizers"].items() if k not in ("value", "critic")})
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("critic_loss.") for k in missing):
         raise RuntimeError(f"the run's behaviour model does not fit a fresh IDQL: missing {missing}, "
@@ -105,8 +108,9 @@ def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, epi
                   progress: bool = True, expectile: float | None = None) -> dict:
     """Train the critic of IDQL run ``run`` on to ``critic_steps`` steps, scoring every ``eval_every``;
     with ``expectile``, a fresh critic at that expectile trained from step 0 instead.
-    Returns ``{"source", "dataset", "seed", "start_step", ["fresh_critic_expectile",]
-    "history": [{"critic_steps", "score_mean", ...}]}``."""
+    Returns ``{"source", "source_steps", "dataset", "seed", ["fresh_critic_expectile",] "start_step",
+    "critic_steps", "episodes", "train_seconds", "history": [{"critic_steps", "score_mean", "score_std",
+    "return_mean"}], "spread": {"as_trained" | "final": candidate_spread(...) + TD error}}``."""
     from tqdm.auto import tqdm
 
     from diffpolicy.agents import load_agent
@@ -125,7 +129,7 @@ def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, epi
             raise ValueError(f"--expectile must lie in (0, 1), got {expectile}")
         torch.manual_seed(seed + 2)  # the fresh critic's initialisation
         agent = with_fresh_critic(agent, expectile)
-    start = agent.num_updates
+    start = 0 if expectile is not None else agent.num_updates  # a fresh critic has taken no step yet
     if critic_steps < start:
         raise ValueError(f"--critic-steps {critic_steps} is below the {start} steps {run} has already trained")
     data = OfflineData.from_minari(load_dataset(meta["dataset"], download=False),

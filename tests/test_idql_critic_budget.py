@@ -108,8 +108,19 @@ def test_a_fresh_critic_at_another_expectile_trains_from_zero_beside_the_runs_ac
     bench = load_benchmark("idql_critic_budget")
     trained = load_agent(idql_run)
     fresh = bench.with_fresh_critic(trained, 0.9)
-    assert fresh.config.expectile == 0.9 and fresh.critic_loss.expectile == 0.9 and fresh.num_updates == 0
+    assert fresh.config.expectile == 0.9 and fresh.critic_loss.expectile == 0.9
+    assert fresh.num_updates == trained.num_updates == 20  # the behaviour model's count (its EMA schedule) is kept
     assert trained.config.expectile == 0.7  # the run's own agent is untouched
+    a, b = trained.state_dict(), fresh.state_dict()
+    kept = [k for k in a if k.startswith(("actor.", "ema."))]
+    new = [k for k in a if k.startswith("critic_loss.") and k.endswith("weight")]  # V, Q and target Q nets
+    assert kept and new and all(torch.equal(a[k], b[k]) for k in kept)
+    assert all(not torch.equal(a[k], b[k]) for k in new), "the critic must be a new one, not the run's"
+    sa, sb = trained.optimizers()["actor"].state, fresh.optimizers()["actor"].state  # the actor's Adam: copied
+    assert sa and len(sa) == len(sb)
+    for pa, pb in zip(sa.values(), sb.values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and pa["exp_avg"].data_ptr() != pb["exp_avg"].data_ptr()
+    assert not fresh.optimizers()["critic"].state and not fresh.optimizers()["value"].state
 
     work = tmp_path / "work"
     rep = bench.critic_budget(idql_run, work, 20, 10, 1, progress=False, expectile=0.9)
