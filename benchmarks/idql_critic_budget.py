@@ -122,19 +122,20 @@ def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, epi
     meta = json.loads((run / "config.json").read_text())
     if meta.get("agent") != "idql":
         raise ValueError(f"{run} is a {meta.get('agent')!r} run; this benchmark trains on the critic of an idql run")
-    agent = load_agent(run)
-    seed, source_steps = meta["train"]["seed"], agent.num_updates
+    agent = source = load_agent(run)
+    seed, source_steps = meta["train"]["seed"], source.num_updates
     if expectile is not None:
         if not 0.0 < expectile < 1.0:
             raise ValueError(f"--expectile must lie in (0, 1), got {expectile}")
         torch.manual_seed(seed + 2)  # the fresh critic's initialisation
-        agent = with_fresh_critic(agent, expectile)
+        agent = with_fresh_critic(source, expectile)
     start = 0 if expectile is not None else agent.num_updates  # a fresh critic has taken no step yet
     if critic_steps < start:
         raise ValueError(f"--critic-steps {critic_steps} is below the {start} steps {run} has already trained")
     data = OfflineData.from_minari(load_dataset(meta["dataset"], download=False),
                                    drop_nonfinite=meta.get("drop_nonfinite", False))
     rb = data.replay_buffer(meta["train"]["batch_size"], reward_scale=meta["reward_scale"])
+    as_trained = {**candidate_spread(source, data, seed=seed), **_td_error(run, source)}  # before it trains on
     state = {"step": start, "history": [], "train_seconds": 0.0}
     config = {"source": str(run.resolve()), "source_steps": source_steps, "dataset": meta["dataset"], "seed": seed}
     if expectile is not None:
@@ -187,8 +188,7 @@ def critic_budget(run: Path, work: Path, critic_steps: int, eval_every: int, epi
         bar.close()
     finally:
         release_run(work)
-    spread = {"as_trained": {**candidate_spread(load_agent(run), data, seed=seed), **_td_error(run, agent)},
-              "final": {**candidate_spread(agent, data, seed=seed), **_td_error(work, agent)}}
+    spread = {"as_trained": as_trained, "final": {**candidate_spread(agent, data, seed=seed), **_td_error(work, agent)}}
     return {**config, "start_step": start, "critic_steps": critic_steps, "episodes": episodes,
             "train_seconds": state["train_seconds"], "history": state["history"], "spread": spread}
 
