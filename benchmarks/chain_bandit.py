@@ -28,7 +28,7 @@ from diffpolicy.chain_losses import ChainPPOLoss, ChainScoreFunctionLoss, QScore
 from diffpolicy.denoiser import Denoiser
 from diffpolicy.losses import diffusion_loss
 from diffpolicy.nets import MLPDenoiser
-from diffpolicy.plotting import png_figure
+from diffpolicy.plotting import png_figure, report_file
 from diffpolicy.schedules import DiscreteVP
 
 C, K, BATCH, MIN_STD = 4, 10, 256, 0.05
@@ -179,9 +179,9 @@ def main(argv=None):
            f"autograd saved tensors, K=20: last 2 steps {res['saved_bytes_train_last_2_of_20'] / 2**20:.1f} MiB, "
            f"last 10 steps {res['saved_bytes_train_last_10_of_20'] / 2**20:.1f} MiB",
            f"budget: {iters} iterations x {BATCH} chains x K={K} DDPM steps per method"]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    report_file(out, ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    with png_figure(out.with_suffix(".png")) as (_, axes):
+    with png_figure(report_file(out, ".png")) as (_, axes):
         ax = axes[0, 0]
         for k, v in curves.items():
             ax.plot([(i + 1) * BATCH for i in range(len(v))], v, label=k)

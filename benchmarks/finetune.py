@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from diffpolicy.plotting import png_figure
+from diffpolicy.plotting import png_figure, report_file
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # benchmarks/timing.py, shared
@@ -320,7 +320,7 @@ def assemble(result_root: Path, env_id: str, methods, budget: int) -> dict:
 
 def write_outputs(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    report_file(out, ".json").write_text(json.dumps(report, indent=1))
     res = report["results"]
     lines = [f"# Online fine-tuning: {report['env']} (D4RL-style normalised score, mean ± std over seeds)", ""]
     if report.get("start_score") is not None:
@@ -338,8 +338,8 @@ def write_outputs(report: dict, out: Path) -> None:
                      f"K={rr['denoising_steps']}; target <= 1.3"
                      + ("; smoke settings: so few envs and steps that the chain's fixed cost per step weighs "
                         "more than at the full run's, where the target is read)" if rr.get("smoke") else ")"))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    with png_figure(out.with_suffix(".png")) as (_, axes):
+    report_file(out, ".md").write_text("\n".join(lines) + "\n")
+    with png_figure(report_file(out, ".png")) as (_, axes):
         ax = axes[0, 0]
         for m, r in res.items():
             x, y, s = r["env_steps"], r["scores"], r["scores_std"]
@@ -449,7 +449,7 @@ def main(argv=None):
     # the table holds every finished run, also those of other invocations (e.g. another --methods)
     report = {**assemble(result_root, args.env, METHODS, args.env_steps), "budget": budget, **report}
     write_outputs(report, out)
-    print(out.with_suffix(".md").read_text())
+    print(report_file(out, ".md").read_text())
     return report
 
 

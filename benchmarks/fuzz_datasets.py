@@ -23,6 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from diffpolicy.plotting import report_file
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -79,12 +81,12 @@ def main(argv=None) -> dict:
     out = dict(cases=args.cases, seed=args.seed, seconds=round(time.perf_counter() - t0, 1),
                outcomes=dict(outcomes), undocumented=bugs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    report_file(args.out, ".json").write_text(json.dumps(out, indent=1))
     lines = [f"# Dataset loader fuzz: {args.cases} damaged copies (seed {args.seed}, {out['seconds']} s)", "",
              "| outcome | cases |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(outcomes.items())]
     lines += ["", f"Undocumented errors: {len(bugs)}"] + [f"- case {b['case']}: flips {b['flips']}, cut {b['cut']:.3f}: "
                                                           f"`{b['error']}`" for b in bugs]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    report_file(args.out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
 

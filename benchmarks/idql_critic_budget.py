@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from diffpolicy.plotting import png_figure
+from diffpolicy.plotting import png_figure, report_file
 
 ROOT = Path(__file__).resolve().parent
 
@@ -200,7 +200,7 @@ def _label(run: dict) -> str:
 
 def write_outputs(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    report_file(out, ".json").write_text(json.dumps(report, indent=1))
     lines = ["# IDQL: score against the critic's training budget (behaviour model fixed)", "",
              "| run | dataset | " + " | ".join(f"{h['critic_steps']:g}" for h in report["runs"][0]["history"])
              + " |", "|---|---|" + "---:|" * len(report["runs"][0]["history"])]
@@ -228,8 +228,8 @@ def write_outputs(report: dict, out: Path) -> None:
             lines.append(f"| {_label(r)} | {critic} | {sp['q_std_across_states']:.1f} | "
                          f"{sp['q_std_across_candidates']:.2f} | {sp['argmax_minus_mean']:.2f} | "
                          f"{sp['argmax_minus_v']:.2f} | {loss} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    with png_figure(out.with_suffix(".png"), figsize=(5.5, 4)) as (_, axes):
+    report_file(out, ".md").write_text("\n".join(lines) + "\n")
+    with png_figure(report_file(out, ".png"), figsize=(5.5, 4)) as (_, axes):
         ax = axes[0, 0]
         for r in report["runs"]:
             ax.plot([h["critic_steps"] for h in r["history"]], [h["score_mean"] for h in r["history"]],
@@ -270,7 +270,7 @@ def main(argv=None):
                                                                                               "iql", "diffusion_ql")}
     report = {"runs": runs, "reference": reference}
     write_outputs(report, Path(args.out))
-    print(Path(args.out).with_suffix(".md").read_text())
+    print(report_file(args.out, ".md").read_text())
     return report
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from diffpolicy.plotting import png_figure
+from diffpolicy.plotting import png_figure, report_file
 
 ROOT = Path(__file__).resolve().parent
 METHODS = {  # name -> (module, class, settings)
@@ -236,7 +236,7 @@ def samples_to(curve: list, level: float) -> int | None:
 
 def write_outputs(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    report_file(out, ".json").write_text(json.dumps(report, indent=1))
     lines = ["# Reward fine-tuning of the digits model (same sample budget for every method)", ""]
     for reward, runs in report["results"].items():
         frac = any("target_fraction_after" in r for r in runs.values())
@@ -261,11 +261,11 @@ def write_outputs(report: dict, out: Path) -> None:
                       for m, hits in levels.items() if m != "levels"]
             lines.append("")
     lines += ["## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report["budget"]]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    report_file(out, ".md").write_text("\n".join(lines) + "\n")
     rewards = list(report["results"])
     if not rewards:
         return
-    with png_figure(out.with_suffix(".png"), 1, len(rewards), figsize=(4.5 * len(rewards), 3.5)) as (_, axes):
+    with png_figure(report_file(out, ".png"), 1, len(rewards), figsize=(4.5 * len(rewards), 3.5)) as (_, axes):
         for ax, reward in zip(axes[0], rewards):
             for m, r in report["results"][reward].items():
                 ax.plot([c["samples"] for c in r["curve"]], [c["reward"] for c in r["curve"]], marker="o", ms=3,
@@ -334,7 +334,7 @@ def main(argv=None):
                       f"FID {r['fid_before']:.1f} -> {r['fid_after']:.1f} ({r['seconds']:.0f} s)", flush=True)
     report = assemble(result_root, budget)
     write_outputs(report, out)
-    print(out.with_suffix(".md").read_text())
+    print(report_file(out, ".md").read_text())
     return report
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from diffpolicy.distill.students import STUDENT_SAMPLER  # how each student samples
-from diffpolicy.plotting import png_figure
+from diffpolicy.plotting import png_figure, report_file
 
 ROOT = Path(__file__).resolve().parent
 NFES = [1, 2, 4, 8, 16, 32, 50]
@@ -205,7 +205,7 @@ def targets(report: dict) -> dict:
 
 def write_outputs(report: dict, out: Path, grids: dict | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    report_file(out, ".json").write_text(json.dumps(report, indent=1))
     lines = ["# Image diffusion on the 8x8 digits: FID (digit-classifier features) against NFE", "",
              f"Floor (real train vs held-out, same sample size): {report['floor_fid']:.2f}; "
              f"ceiling (uniform noise): {report['ceiling_fid']:.1f}.", "", "## Teachers", "",
@@ -223,8 +223,8 @@ def write_outputs(report: dict, out: Path, grids: dict | None = None) -> None:
         lines.append(f"| {name} ({s['sampler']}) | {s['teacher']} | " + " | ".join(cells)
                      + f" | {s['student_steps_trained']} | {s['train_seconds']:.0f} |")
     lines += ["", "## Targets", "", "```", json.dumps(report["targets"], indent=1), "```", "", report.get("budget", "")]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    with png_figure(out.with_suffix(".png"), figsize=(7, 4.5)) as (_, axes):
+    report_file(out, ".md").write_text("\n".join(lines) + "\n")
+    with png_figure(report_file(out, ".png"), figsize=(7, 4.5)) as (_, axes):
         ax = axes[0, 0]
         for name, t in report["teachers"].items():
             ax.plot(t["nfe"], t["fid"], marker="o", ms=3, label=name)
@@ -330,7 +330,7 @@ def main(argv=None):
                                                              generator=torch.Generator().manual_seed(1)))
     report = assemble(result_root, floor, ceiling, budget)
     write_outputs(report, out, grids or None)
-    print(out.with_suffix(".md").read_text())
+    print(report_file(out, ".md").read_text())
     return report
 
 

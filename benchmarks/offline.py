@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from diffpolicy.plotting import png_figure
+from diffpolicy.plotting import png_figure, report_file
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # benchmarks/timing.py, shared
@@ -267,7 +267,7 @@ def assemble(result_root: Path, env_id: str, qualities, agents, steps: int | Non
 
 def write_outputs(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    report_file(out, ".json").write_text(json.dumps(report, indent=1))
     res = report["results"]
     agents = sorted({a for q in res.values() for a in q}, key=lambda a: DEFAULT_AGENTS.index(a)
                     if a in DEFAULT_AGENTS else 99)
@@ -292,10 +292,10 @@ def write_outputs(report: dict, out: Path) -> None:
         lines.append(f"consistency_bc / diffusion_bc (5 steps) latency per action: 2 steps "
                      f"{report['latency_ratio_consistency_vs_diffusion']:.3f}, 1 step "
                      f"{report['latency_ratio_consistency_1step_vs_diffusion']:.3f} (target <= 0.5)")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    report_file(out, ".md").write_text("\n".join(lines) + "\n")
     qs = list(report["curves"])
     if qs:
-        with png_figure(out.with_suffix(".png"), 1, len(qs), figsize=(5 * len(qs), 4)) as (_, axes):
+        with png_figure(report_file(out, ".png"), 1, len(qs), figsize=(5 * len(qs), 4)) as (_, axes):
             for ax, q in zip(axes[0], qs):
                 for a, (x, y) in report["curves"][q].items():
                     ax.plot(x, y, label=a, marker="o", ms=3)
@@ -398,7 +398,7 @@ def main(argv=None):
         d0 = OfflineData.from_minari(load_dataset(dataset_id(args.env, args.qualities[0]), download=False))
         report["latency_ms"] = latency_table(d0.obs_dim, d0.act_dim, DEFAULT_AGENTS, args.steps)
     write_outputs(with_latency_ratios(report), out)
-    print(out.with_suffix(".md").read_text())
+    print(report_file(out, ".md").read_text())
     return report
 
 

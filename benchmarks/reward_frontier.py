@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from diffpolicy.plotting import report_file
+
 ROOT = Path(__file__).resolve().parent
 TRANSFORMS = {  # name -> (values, transform of images in [0, 1])
     "gamma": ((0.9, 0.8, 0.75, 0.7, 0.6), lambda p, g: p.clamp(0, 1) ** g),
@@ -69,7 +71,7 @@ def frontier(model, metrics, reward, tuner, betas, pool: int, n: int = 1000, tra
 
 def write_outputs(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    report_file(out, ".json").write_text(json.dumps(report, indent=1))
     lines = ["# What a reward gain costs in FID without fine-tuning", "",
              "Pre-trained samples resampled toward the KL-regularised optimum p_pre exp(r / beta), or transformed; "
              "gain in pre-trained standard deviations, FID against the held-out digits relative to the pre-trained "
@@ -83,7 +85,7 @@ def write_outputs(report: dict, out: Path) -> None:
         lines += [f"| {r['how']} | {r['value']:g} | {r['margin_in_std']:.2f} | {r['fid']:.1f} | {r['fid_drift']:.2f}x | "
                   f"{r['precision']:.2f} | {format(r['ess'], '.0f') if 'ess' in r else '—'} |" for r in rep["rows"]]
         lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    report_file(out, ".md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -114,7 +116,7 @@ def main(argv=None):
         report["rewards"][name] = frontier(model, metrics, reward, tuner, args.betas, args.pool,
                                            transforms=name == "brightness")
     write_outputs(report, Path(args.out))
-    print(Path(args.out).with_suffix(".md").read_text())
+    print(report_file(args.out, ".md").read_text())
     return report
 
 

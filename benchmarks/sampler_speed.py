@@ -46,6 +46,7 @@ import torch
 from diffpolicy.denoiser import Denoiser
 from diffpolicy.graphs import GraphedSampler
 from diffpolicy.nets.mlp import MLPDenoiser
+from diffpolicy.plotting import report_file
 from diffpolicy.samplers import sample_ddim
 from diffpolicy.schedules import DiscreteVP
 
@@ -155,7 +156,7 @@ def main(argv=None):
     print(md)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-    Path(args.md or Path(args.json).with_suffix(".md")).write_text(md)
+    Path(args.md or report_file(args.json, ".md")).write_text(md)
     return res
 
 

@@ -11,6 +11,8 @@ import random
 import statistics
 import time
 
+from diffpolicy.plotting import report_file
+
 
 def measure(variants: dict, rounds: int, warmup: int, sync=lambda: None) -> dict:
     """Median milliseconds per call of each ``variants[name]()``; ``sync`` (e.g. a CUDA
@@ -35,6 +37,6 @@ def measured_before(out, keys) -> dict:
     A sweep rewrites its table after every finished run, and ``--assemble`` rebuilds it, without
     timing anything (timings need a quiet machine); these rewrites keep the last measured figures
     instead of dropping them."""
-    path = out.with_suffix(".json")
+    path = report_file(out, ".json")
     old = json.loads(path.read_text()) if path.exists() else {}
     return {k: old[k] for k in keys if k in old}

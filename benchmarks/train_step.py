@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
+from diffpolicy.plotting import report_file
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, shared
 from timing import measure  # noqa: E402
 
@@ -149,7 +151,7 @@ def main(argv=None) -> dict:
     print(md)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-    Path(args.json).with_suffix(".md").write_text(md)
+    report_file(args.json, ".md").write_text(md)
     return res
 
 

@@ -17,7 +17,7 @@ import statistics
 import warnings
 
 from diffpolicy.agents import ONLINE_AGENTS as ONLINE
-from diffpolicy.plotting import png_figure
+from diffpolicy.plotting import png_figure, report_file
 
 __all__ = ["read_run", "compare_runs"]
 
@@ -91,12 +91,10 @@ def compare_runs(run_dirs, out=None, labels: list[str] | None = None) -> dict:
                      "run_dirs": [m["run"] for m in members]})
     report = {"metric": "normalised score" if metric == "scores" else "return", "rows": rows, "runs": runs}
     if out is not None:
-        out = pathlib.Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        named = (lambda ext: out.with_name(out.name + ext))  # "v1.0" stays "v1.0.json"
-        named(".json").write_text(json.dumps(report, indent=1))
-        named(".md").write_text(markdown(report))
-        _plot(groups, metric, named(".png"))
+        report_file(out, ".json").parent.mkdir(parents=True, exist_ok=True)
+        report_file(out, ".json").write_text(json.dumps(report, indent=1))
+        report_file(out, ".md").write_text(markdown(report))
+        _plot(groups, metric, report_file(out, ".png"))
     return report
 
 

@@ -1,10 +1,25 @@
-"""Figures written straight to PNG files, headless: the one plotting shell of the benchmarks,
-``diffpolicy compare`` and the demo."""
+"""Report outputs of the benchmarks, ``diffpolicy compare`` and the demo: figures written straight
+to PNG files, headless (:func:`png_figure`), and the files of a report named by one stem
+(:func:`report_file`)."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
-__all__ = ["png_figure"]
+__all__ = ["png_figure", "report_file", "REPORT_SUFFIXES"]
+
+#: The files a report writes beside one another: ``<stem>.json``, ``<stem>.md``, ``<stem>.png``.
+REPORT_SUFFIXES = (".json", ".md", ".png")
+
+
+def report_file(stem, ext: str) -> Path:
+    """The report file ``<stem><ext>``. A dot inside the stem is kept (``x_tau0.9`` gives
+    ``x_tau0.9.json``, where ``Path.with_suffix`` would give ``x_tau0.json``); a stem given with
+    one of the report's own suffixes (``x.json``) names the same report as ``x``."""
+    stem = Path(stem)
+    if stem.suffix in REPORT_SUFFIXES:
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ext)
 
 
 @contextlib.contextmanager

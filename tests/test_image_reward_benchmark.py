@@ -82,11 +82,13 @@ def test_batch_variant_runs_its_own_batch_on_the_same_sample_budget(bench, tmp_p
 
 def test_reward_frontier_rows_on_a_tiny_model(load_benchmark, tmp_path):
     frontier = load_benchmark("reward_frontier")
-    out = tmp_path / "frontier"
+    out = tmp_path / "frontier_b0.01"  # a dotted stem keeps its tail: frontier_b0.01.json, not frontier_b0.json
     report = frontier.main(["--betas", "1000", "0.01", "--pool", "64", "--sampling-steps", "3", "--pretrain-steps", "20",
                             "--base-channels", "8", "--pretrained-run", str(tmp_path / "pre"), "--out", str(out)])
     rep = report["rewards"]["brightness"]
-    assert json.loads(out.with_suffix(".json").read_text()) == report and "| gamma | 0.8 |" in out.with_suffix(".md").read_text()
+    assert sorted(p.name for p in tmp_path.glob("frontier*")) == ["frontier_b0.01.json", "frontier_b0.01.md"]
+    assert json.loads((tmp_path / "frontier_b0.01.json").read_text()) == report
+    assert "| gamma | 0.8 |" in (tmp_path / "frontier_b0.01.md").read_text()
     rows = {(r["how"], r["value"]): r for r in rep["rows"]}
     flat = rows[("kl_optimum", 1000.0)]  # beta -> infinity: the pre-trained distribution, every sample equally likely
     assert flat["ess"] == pytest.approx(64, rel=1e-3) and abs(flat["margin_in_std"]) < 1.0

@@ -1,4 +1,4 @@
-"""diffpolicy.plotting.png_figure: the headless figure shell every benchmark and report draws through."""
+"""diffpolicy.plotting: the headless figure shell every benchmark and report draws through, and report file names."""
 import pytest
 
 
@@ -31,3 +31,15 @@ def test_a_block_that_raises_writes_nothing_and_still_closes(tmp_path):
         with png_figure(tmp_path / "bad.png"):
             raise KeyError("no such curve")
     assert not (tmp_path / "bad.png").exists() and set(plt.get_fignums()) == before
+
+
+def test_report_file_keeps_a_dotted_stem_and_accepts_the_reports_own_suffixes(tmp_path):
+    from pathlib import Path
+
+    from diffpolicy.plotting import report_file
+
+    assert report_file(tmp_path / "x_tau0.9", ".json") == tmp_path / "x_tau0.9.json"  # with_suffix: x_tau0.json
+    assert report_file("results/offline", ".md") == Path("results/offline.md")
+    for given in ("results/offline.json", "results/offline.md", "results/offline.png"):
+        assert report_file(given, ".png") == Path("results/offline.png")
+    assert report_file("v1.0.json", ".md") == Path("v1.0.md")
