@@ -399,7 +399,7 @@ def main(argv=None):
     tag = "finetune_quick" if args.quick else "finetune"
     out = Path(args.out) if args.out else ROOT / "results" / tag
     run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag / args.env
-    result_root = (Path(args.results) if args.results else out.parent / f"{out.name}_runs") / args.env
+    result_root = (Path(args.results) if args.results else report_file(out, "_runs")) / args.env
     budget = (f"Budget: {args.env_steps} environment steps per run ({args.num_envs} envs x {args.steps_per_iter} "
               f"decisions per iteration; diffusion policies act in chunks of {args.action_chunk}), evaluation every "
               f"{args.eval_every} iterations on {args.eval_episodes} episodes; pre-trained BC: {args.pretrain_steps} "

@@ -310,7 +310,7 @@ def main(argv=None):
     tag = "image_reward_quick" if args.quick else "image_reward"
     out = Path(args.out) if args.out else ROOT / "results" / tag
     run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag
-    result_root = out.parent / f"{out.name}_runs"
+    result_root = report_file(out, "_runs")
     budget = (f"Budget: {args.samples} training images per run (batch {args.batch_size}, {args.sampling_steps} sampling "
               f"steps, lr {args.lr}); KL weights {args.kl_weights}; pre-trained: ddpm_v digits U-Net "
               f"(base {args.base_channels}, {args.pretrain_steps} steps); seed 0.")

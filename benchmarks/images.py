@@ -290,7 +290,7 @@ def main(argv=None):
     tag = "images_quick" if args.quick else "images"
     out = Path(args.out) if args.out else ROOT / "results" / tag
     run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag
-    result_root = out.parent / f"{out.name}_runs"
+    result_root = report_file(out, "_runs")
     torch.manual_seed(args.seed)
 
     from diffpolicy.images import ImageMetrics, load_digits

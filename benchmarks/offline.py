@@ -359,7 +359,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else ROOT / "results" / ("offline_quick" if args.quick else "offline")
     tag = "offline_quick" if args.quick else "offline"
     run_root = Path(args.runs) if args.runs else ROOT / "runs" / tag / args.env
-    result_root = (Path(args.results) if args.results else out.parent / f"{out.name}_runs") / args.env
+    result_root = (Path(args.results) if args.results else report_file(out, "_runs")) / args.env
 
     from diffpolicy.envs.datasets import OfflineData, dataset_id, load_dataset, make_dataset
 

@@ -15,7 +15,8 @@ REPORT_SUFFIXES = (".json", ".md", ".png")
 def report_file(stem, ext: str) -> Path:
     """The report file ``<stem><ext>``. A dot inside the stem is kept (``x_tau0.9`` gives
     ``x_tau0.9.json``, where ``Path.with_suffix`` would give ``x_tau0.json``); a stem given with
-    one of the report's own suffixes (``x.json``) names the same report as ``x``."""
+    one of the report's own suffixes (``x.json``) names the same report as ``x``. ``ext`` may be
+    any tail: the sweeps keep their per-run results in ``report_file(out, "_runs")``."""
     stem = Path(stem)
     if stem.suffix in REPORT_SUFFIXES:
         stem = stem.with_suffix("")

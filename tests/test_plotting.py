@@ -43,3 +43,7 @@ def test_report_file_keeps_a_dotted_stem_and_accepts_the_reports_own_suffixes(tm
     for given in ("results/offline.json", "results/offline.md", "results/offline.png"):
         assert report_file(given, ".png") == Path("results/offline.png")
     assert report_file("v1.0.json", ".md") == Path("v1.0.md")
+    # the sweeps' per-run result stores sit beside their report under the same stem
+    for given in ("results/offline", "results/offline.json"):
+        assert report_file(given, "_runs") == Path("results/offline_runs")
+    assert report_file("results/x_tau0.9", "_runs") == Path("results/x_tau0.9_runs")
