@@ -277,10 +277,13 @@ def write_outputs(report: dict, out: Path) -> None:
     for a in agents:
         cells = [f"{res[q][a]['score_mean']:.1f} ± {res[q][a]['score_std']:.1f} ({len(res[q][a]['seeds'])})"
                  if a in res[q] else "—" for q in res]
-        some = next(res[q][a] for q in res if a in res[q])
-        lines.append(f"| {a} | " + " | ".join(cells) + f" | {some['train_seconds']:.0f} | {some['latency_ms']:.2f} |")
+        mine = [(res[q][a], len(res[q][a]["seeds"])) for q in res if a in res[q]]
+        train_s, latency = (sum(r[k] * n for r, n in mine) / sum(n for _, n in mine)
+                            for k in ("train_seconds", "latency_ms"))
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {train_s:.0f} | {latency:.2f} |")
     lines.append("")
-    lines.append("(n) = seeds finished. " + report.get("budget", ""))
+    lines.append("(n) = seeds finished. train s and latency ms/action: mean over all of the agent's finished runs, "
+                 "every dataset. " + report.get("budget", ""))
     if "throughput" in report:
         t = report["throughput"]
         lines.append(f"\nthroughput_ratio_vs_bare (diffusion BC, batch 256): {report['throughput_ratio_vs_bare']:.3f} "

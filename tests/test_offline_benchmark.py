@@ -11,11 +11,11 @@ bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
 
-def _result(root, q, agent, seed, score, latency):
+def _result(root, q, agent, seed, score, latency, train_seconds=3.0):
     p = root / q / agent / f"seed{seed}.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     hist = [{"step": 5, "score_mean": score / 2}, {"step": 10, "score_mean": score}]
-    p.write_text(json.dumps({"seed": seed, "score": score, "train_seconds": 3.0, "latency_ms": latency,
+    p.write_text(json.dumps({"seed": seed, "score": score, "train_seconds": train_seconds, "latency_ms": latency,
                              "steps": 10, "history": hist}))
 
 
@@ -33,6 +33,13 @@ def test_assemble_reads_whatever_runs_exist_and_writes_the_table(tmp_path):
     bench.write_outputs({**rep, "budget": "test budget"}, tmp_path / "out" / "offline")
     md = (tmp_path / "out" / "offline.md").read_text()
     assert "| diffusion_bc | 50.0 ± 10.0 (2) |" in md and "test budget" in md
+    # timings are per agent over all its runs, not whichever dataset comes first
+    _result(root, "medium-replay", "consistency_bc", 0, 20.0, 0.7, train_seconds=9.0)
+    _result(root, "medium-replay", "consistency_bc", 1, 22.0, 0.7, train_seconds=9.0)
+    rep = bench.assemble(root, "Hopper-v5", ["medium-replay", "medium"], ["consistency_bc"])
+    bench.write_outputs(rep, tmp_path / "out" / "both")
+    row = next(line for line in (tmp_path / "out" / "both.md").read_text().splitlines() if "consistency_bc" in line)
+    assert row.endswith("| 7 | 0.63 |"), row  # (9 + 9 + 3) / 3 s and (0.7 + 0.7 + 0.5) / 3 ms
     assert json.loads((tmp_path / "out" / "offline.json").read_text())["results"]["medium"]["consistency_bc"]
     assert (tmp_path / "out" / "offline.png").exists()
 
