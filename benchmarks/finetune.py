@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from diffpolicy.plotting import png_figure, report_file
+from diffpolicy.plotting import png_figure, report_file, seed_spread
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # benchmarks/timing.py, shared
@@ -328,8 +328,9 @@ def write_outputs(report: dict, out: Path) -> None:
     lines.append("| method | 25% budget | 50% budget | final | s / iteration | seeds |")
     lines.append("|---|---:|---:|---:|---:|---:|")
     for m, r in res.items():
-        lines.append(f"| {m} | {r['at_25']:.1f} | {r['at_50']:.1f} | {r['final_score_mean']:.1f} ± "
-                     f"{r['final_score_std']:.1f} | {r['seconds_per_iter']:.2f} | {len(r['seeds'])} |")
+        final = seed_spread(r["final_score_mean"], r["final_score_std"], len(r["seeds"]))
+        lines.append(f"| {m} | {r['at_25']:.1f} | {r['at_50']:.1f} | {final} | {r['seconds_per_iter']:.2f} | "
+                     f"{len(r['seeds'])} |")
     lines.append("\n" + report.get("budget", ""))
     if "dppo_rollout_ratio_vs_bare" in report:
         rr = report["rollout"]

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from diffpolicy.plotting import png_figure, report_file
+from diffpolicy.plotting import png_figure, report_file, seed_spread
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # benchmarks/timing.py, shared
@@ -275,8 +275,8 @@ def write_outputs(report: dict, out: Path) -> None:
     lines.append("| agent | " + " | ".join(res) + " | train s | latency ms/action |")
     lines.append("|---|" + "---:|" * (len(res) + 2))
     for a in agents:
-        cells = [f"{res[q][a]['score_mean']:.1f} ± {res[q][a]['score_std']:.1f} ({len(res[q][a]['seeds'])})"
-                 if a in res[q] else "—" for q in res]
+        cells = [f"{seed_spread(res[q][a]['score_mean'], res[q][a]['score_std'], len(res[q][a]['seeds']))} "
+                 f"({len(res[q][a]['seeds'])})" if a in res[q] else "—" for q in res]
         mine = [(res[q][a], len(res[q][a]["seeds"])) for q in res if a in res[q]]
         train_s, latency = (sum(r[k] * n for r, n in mine) / sum(n for _, n in mine)
                             for k in ("train_seconds", "latency_ms"))

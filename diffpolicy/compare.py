@@ -17,7 +17,7 @@ import statistics
 import warnings
 
 from diffpolicy.agents import ONLINE_AGENTS as ONLINE
-from diffpolicy.plotting import png_figure, report_file
+from diffpolicy.plotting import png_figure, report_file, seed_spread
 
 __all__ = ["read_run", "compare_runs"]
 
@@ -102,7 +102,7 @@ def markdown(report: dict) -> str:
     lines = [f"| method | final {report['metric']} | best | steps | runs |", "|---|---:|---:|---:|---:|"]
     for r in report["rows"]:
         unit = "env steps" if r["online"] else "grad steps"
-        lines.append(f"| {r['method']} | {r['final']:.1f} ± {r['final_std']:.1f} | {r['best']:.1f} | "
+        lines.append(f"| {r['method']} | {seed_spread(r['final'], r['final_std'], r['runs'])} | {r['best']:.1f} | "
                      f"{r['steps']} {unit} | {r['runs']} |")
     return "\n".join(lines) + "\n"
 

@@ -1,12 +1,12 @@
 """Report outputs of the benchmarks, ``diffpolicy compare`` and the demo: figures written straight
 to PNG files, headless (:func:`png_figure`), and the files of a report named by one stem
-(:func:`report_file`)."""
+(:func:`report_file`), and their tables' mean-over-seeds cells (:func:`seed_spread`)."""
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
-__all__ = ["png_figure", "report_file", "REPORT_SUFFIXES"]
+__all__ = ["png_figure", "report_file", "seed_spread", "REPORT_SUFFIXES"]
 
 #: The files a report writes beside one another: ``<stem>.json``, ``<stem>.md``, ``<stem>.png``.
 REPORT_SUFFIXES = (".json", ".md", ".png")
@@ -21,6 +21,12 @@ def report_file(stem, ext: str) -> Path:
     if stem.suffix in REPORT_SUFFIXES:
         stem = stem.with_suffix("")
     return stem.with_name(stem.name + ext)
+
+
+def seed_spread(mean: float, std: float, n: int, digits: int = 1) -> str:
+    """A table cell for a mean over ``n`` seeds: ``"mean ± std"``, or the bare mean for one seed,
+    whose spread is unknown rather than zero."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ def test_seeds_are_grouped_and_summarised_by_hand(tmp_path):
     assert rows["diffusion_bc"]["final_std"] == 0.0 and not rows["diffusion_bc"]["online"]
     md = (tmp_path / "cmp.md").read_text()
     assert "| fine-tuned dppo | 55.0 ± 12.2 | 58.3 |" in md
+    assert "| diffusion_bc | 25.0 | 25.0 |" in md  # one run: no spread to show, not a zero one
     assert (tmp_path / "cmp.png").stat().st_size > 0
 
 

@@ -42,6 +42,8 @@ def test_every_method_runs_end_to_end_and_the_table_reassembles(pendulum_data, t
     assert recorded["sb3_ppo"] is None
     md = (tmp_path / "out" / "finetune.md").read_text()
     assert "target <= 1.3)" in md and "smoke settings" not in md and rep["rollout"]["smoke"] is False
+    for m, r in rep["results"].items():  # one seed: the final score alone (its spread is unknown, not zero)
+        assert f"| {r['final_score_mean']:.1f} | {r['seconds_per_iter']:.2f} | 1 |" in md, m
     again = bench.main(args + ["--assemble"])  # no training: the same table from the run files
     assert again["results"] == rep["results"] and (tmp_path / "out" / "finetune.md").read_text() == md
     # a sweep that does not time (--no-rollout-ratio: every run here is finished) keeps the measured ratio

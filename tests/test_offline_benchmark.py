@@ -33,6 +33,7 @@ def test_assemble_reads_whatever_runs_exist_and_writes_the_table(tmp_path):
     bench.write_outputs({**rep, "budget": "test budget"}, tmp_path / "out" / "offline")
     md = (tmp_path / "out" / "offline.md").read_text()
     assert "| diffusion_bc | 50.0 ± 10.0 (2) |" in md and "test budget" in md
+    assert "| consistency_bc | 45.0 (1) |" in md  # one seed: its spread is unknown, not zero
     # timings are per agent over all its runs, not whichever dataset comes first
     _result(root, "medium-replay", "consistency_bc", 0, 20.0, 0.7, train_seconds=9.0)
     _result(root, "medium-replay", "consistency_bc", 1, 22.0, 0.7, train_seconds=9.0)
