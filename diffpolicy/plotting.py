@@ -1,6 +1,6 @@
 """Report outputs of the benchmarks, ``diffpolicy compare`` and the demo: figures written straight
-to PNG files, headless (:func:`png_figure`), and the files of a report named by one stem
-(:func:`report_file`), and their tables' mean-over-seeds cells (:func:`seed_spread`)."""
+to PNG files, headless (:func:`png_figure`); the files of a report named by one stem
+(:func:`report_file`); the mean-over-seeds cells of their tables (:func:`seed_spread`)."""
 from __future__ import annotations
 
 import contextlib
