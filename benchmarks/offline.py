@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -161,13 +162,51 @@ def run_one(env_id, quality, data, name, seed, args, run_root: Path, result_root
                "score": out["final"]["score_mean"], "return": out["final"]["return_mean"],
                "train_seconds": out["train_seconds"], "latency_ms": latency_ms(agent, data.obs_dim),
                "history": out["history"], "batch_size": args.batch, "eval_episodes": args.eval_episodes,
-               "compile": args.compile}
+               "compile": args.compile, "ref_scores": [data.ref_min_score, data.ref_max_score]}
         _write(result_path, res)
     done = res.get("final_eval", {})
     if done.get("episodes") != args.final_episodes or done.get("acting") != acting:
         res = final_evaluation(res, run_dir, data, acting, args.final_episodes)
         _write(result_path, res)
     return res
+
+
+def data_references(run: dict) -> tuple[float, float] | None:
+    """The reference returns ``(random, expert)`` of the dataset a result file's run was scored on:
+    as recorded (``ref_scores``), or, in files written before they were, solved from the run's
+    (normalised score, return) pairs, as ``score = 100 (R - ref_min) / (ref_max - ref_min)`` is a line
+    (``envs.datasets.normalized_score``). ``None`` with fewer than two distinct pairs (an acting variant)."""
+    if run.get("ref_scores"):
+        return tuple(run["ref_scores"])
+    pairs = {(h["score_mean"], h["return_mean"]) for h in run.get("history", []) if "return_mean" in h}
+    if "return" in run:
+        pairs.add((run["score"], run["return"]))
+    (s0, r0), (s1, r1) = min(pairs, default=(0, 0)), max(pairs, default=(0, 0))
+    if s1 == s0:
+        return None
+    slope = (r1 - r0) / (s1 - s0)  # (ref_max - ref_min) / 100
+    return r0 - slope * s0, r0 + slope * (100.0 - s0)
+
+
+def check_same_data(result_root: Path, quality: str, data) -> None:
+    """Stop before anything trains when the store already holds runs of ``quality`` scored on other data.
+
+    The datasets are made here, from an SB3 behaviour run, and that run depends on the machine's BLAS
+    kernels (see the README): a dataset rebuilt on another machine can differ, and runs on it would
+    not be comparable with the stored ones. Reference returns tell the two apart."""
+    mine = (data.ref_min_score, data.ref_max_score)
+    if None in mine:
+        return
+    for path in sorted((result_root / quality).glob("*/seed*.json")):
+        theirs = data_references(json.loads(path.read_text()))
+        if theirs is None or all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(mine, theirs)):
+            continue
+        raise SystemExit(
+            f"{data.dataset_id}: the local dataset's reference returns (random {mine[0]:.2f}, expert {mine[1]:.2f}) "
+            f"differ from those of the runs already in {result_root / quality} (random {theirs[0]:.2f}, expert "
+            f"{theirs[1]:.2f}; e.g. {path.relative_to(result_root)}). It was made by another behaviour run, so new runs "
+            "would not be comparable with them. Rebuild the datasets as those were made (README, 'Reproducing the "
+            "datasets'), or put this sweep in another store: --results DIR --out STEM.")
 
 
 def _write(path: Path, record: dict) -> None:
@@ -380,6 +419,7 @@ def main(argv=None):
             make_dataset(args.env, q, n_transitions=args.transitions, behaviour_steps=args.behaviour_steps,
                          progress=not args.no_progress)
             data[q] = OfflineData.from_minari(load_dataset(dataset_id(args.env, q), download=False))
+            check_same_data(result_root, q, data[q])
         for seed in args.seeds:
             for q in args.qualities:
                 for name in args.agents:

@@ -184,3 +184,37 @@ def test_a_small_sweep_trains_scores_and_tabulates_every_requested_run(pendulum_
     assert 0 < rep["throughput_ratio_vs_bare"] < 2
     assert "| diffusion_bc |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 5_000
     assert bench.main([*argv, "--no-throughput"])["results"] == rep["results"]  # nothing trains again: all finished
+
+
+def test_a_sweep_refuses_a_dataset_remade_differently_before_training_anything(pendulum_data, tmp_path):
+    """A dataset rebuilt on another machine can differ (its SB3 behaviour run depends on the BLAS
+    kernels), so runs on it would not be comparable with the stored ones: the reference returns
+    tell the two apart, recorded in new result files and solved from older files' (score, return)."""
+    import argparse
+    import dataclasses
+
+    args = argparse.Namespace(steps=10, batch=32, eval_every=5, eval_episodes=1, final_episodes=1, quick=False,
+                              no_progress=True, compile="")
+    store = tmp_path / "store"
+    res = bench.run_one("Pendulum-v1", "medium", pendulum_data, "gaussian_bc", 0, args, tmp_path / "runs",
+                        store / "Pendulum-v1")
+    refs = (pendulum_data.ref_min_score, pendulum_data.ref_max_score)
+    assert res["ref_scores"] == list(refs)
+    older = {k: v for k, v in res.items() if k != "ref_scores"}
+    assert bench.data_references(older) == pytest.approx(refs, rel=1e-9)
+    assert bench.data_references({**older, "history": []}) is None  # one pair: an acting variant's file
+    bench.check_same_data(store / "Pendulum-v1", "medium", pendulum_data)  # the same data: silent
+    remade = dataclasses.replace(pendulum_data, ref_max_score=refs[1] + 50.0)
+    with pytest.raises(SystemExit, match=r"expert .*differ.*--results"):
+        bench.check_same_data(store / "Pendulum-v1", "medium", remade)
+
+    # the sweep itself stops before any training when the store's runs came from other data
+    p = store / "Pendulum-v1" / "medium" / "gaussian_bc" / "seed0.json"
+    p.write_text(json.dumps({**res, "ref_scores": [refs[0], refs[1] + 50.0]}))
+    runs = tmp_path / "runs2"
+    with pytest.raises(SystemExit, match="not be comparable"):
+        bench.main(["--env", "Pendulum-v1", "--qualities", "medium", "--agents", "diffusion_bc", "--seeds", "0",
+                    "--steps", "10", "--transitions", "2000", "--behaviour-steps", "1000", "--no-latency",
+                    "--no-throughput", "--no-progress", "--runs", str(runs), "--results", str(store),
+                    "--out", str(tmp_path / "table" / "offline")])
+    assert not runs.exists() and json.loads(p.read_text())["ref_scores"][1] == refs[1] + 50.0  # nothing touched
